@@ -1,0 +1,46 @@
+"""The RolloutWorker protocol every sampler implements, and the records it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings; names and meanings follow vLLM's SamplingParams one to one."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)  # stop strings; the matched string is kept in the text
+    seed: int | None = None
+    logprobs: bool = True
+
+
+@dataclass
+class Completion:
+    """One sampled response. `logprobs[i]` is the behaviour log-prob of `token_ids[i]` under
+    softmax(logits / temperature), i.e. what the trainer recomputes, before any top-p/top-k truncation."""
+
+    prompt_index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (hit max_tokens)
+
+
+class RolloutWorker(Protocol):
+    """A sampler the trainer drives. `generate` returns len(prompt_ids) * n completions, grouped by prompt
+    (prompt-major: all n samples of prompt 0, then prompt 1, ...)."""
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]: ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...
