@@ -1,57 +1,124 @@
-"""`accuracy`: is the final answer mathematically equal to the gold answer? Verified with math-verify."""
+"""`accuracy`: is the final answer right? R1's rule-based correctness reward, built on math-verify and sympy.
+
+Modes (per recipe with `mode=`, or per item from the column named by `mode_column`, default `answer_mode`):
+  math     math-verify equivalence: LaTeX, fractions/decimals, radicals, pi, intervals, sets, tuples, matrices,
+           percentages, thousands separators, units and currency, `x = 2` forms
+  numeric  |pred - gold| within rel_tol / abs_tol after evaluating both (e.g. 3.1416 for \\pi)
+  choice   multiple-choice letter: "(B)", "B.", "Option B", "\\text{B}"; naming two letters is a hedge
+  exact    normalised exact string (case, whitespace, \\text{}, outer $ and end punctuation ignored)
+Scores: 1.0 right, 0.0 wrong/missing/hedged/timed out, None when the gold answer cannot be read (counted as
+`gold_unparsed`, never a silent 0). math and numeric run in the killable worker pool (rewards._pool) with a
+per-item deadline; the trainer process never parses with sympy. choice and exact are plain string work.
+"""
 
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
+from threading import Lock
 
-from math_verify import LatexExtractionConfig, ExprExtractionConfig, parse, verify
-
-from rewards._text import completion_text
+from rewards import _stats
+from rewards._pool import get_pool
+from rewards._text import completion_text, extract_answer, is_hedge, normalise_string
 from rewards.registry import register
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
-_BOXED = re.compile(r"\\boxed\{")
+MODES = ("math", "numeric", "choice", "exact")
+_CACHE: OrderedDict = OrderedDict()  # (mode, gold, pred, tolerances) -> (score, why): groups repeat answers
+_CACHE_LOCK = Lock()
+_CACHE_MAX = 100_000
 
 
-def extract_answer(text: str) -> str | None:
-    """The single <answer> block's content, else the last \\boxed{} after </think>; text inside <think> never
-    counts. Several answer blocks is a hedge and yields None."""
-    blocks = _ANSWER.findall(text)
-    if len(blocks) == 1:
-        return blocks[0].strip()
-    if len(blocks) > 1:
-        return None
-    tail = text.rsplit("</think>", 1)[1] if "</think>" in text else ("" if "<think>" in text else text)
-    starts = [m.end() for m in _BOXED.finditer(tail)]
-    if not starts:
-        return None
-    i, depth = starts[-1], 1
-    for j in range(i, len(tail)):
-        depth += {"{": 1, "}": -1}.get(tail[j], 0)
-        if depth == 0:
-            return tail[i:j].strip()
-    return None
+def _choice_letter(s: str, letters: str) -> tuple[str | None, str]:
+    """The single option letter an answer names, or (None, why)."""
+    s = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", s).strip().strip("$").strip()
+    s = re.sub(r"(?i)^(?:the\s+)?(?:final\s+)?(?:answer|option|choice)\s*(?:is)?\s*[:=]?\s*", "", s)
+    cls = f"[{re.escape(letters)}]"
+    m = re.match(rf"^\(?({cls})\)?(?:[.:)\]]|\s|$)", s)
+    if m:
+        rest = s[m.end():]
+        if re.search(rf"(?i)(?:\bor\b|\band\b|/|,|;|&)\s*(?:option\s+)?\(?{cls}\)?(?![A-Za-z])", rest):
+            return None, "hedge"
+        return m.group(1), "ok"
+    found = set(re.findall(rf"(?<![A-Za-z])\(?({cls})\)?(?![A-Za-z])", s))
+    if len(found) == 1:
+        return found.pop(), "ok"
+    return None, "hedge" if found else "no_answer"
 
 
-def _parse(s: str):
-    return parse(s, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
+def _local(mode: str, gold: str, pred: str, letters: str) -> tuple[float | None, str]:
+    """Score the string modes here (no sympy)."""
+    if mode == "choice":
+        g, _ = _choice_letter(gold, letters)
+        if g is None:
+            return None, "gold_unparsed"
+        p, why = _choice_letter(pred, letters)
+        return (1.0, "ok") if p == g else (0.0, why if p is None else "wrong")
+    g = normalise_string(gold)
+    if not g:
+        return None, "gold_unparsed"
+    return (1.0, "ok") if normalise_string(pred) == g else (0.0, "wrong")
+
+
+def score_answers(golds: list, preds: list, modes: list[str], *, rel_tol: float = 1e-4, abs_tol: float = 1e-8,
+                  deadline: float = 1.0, letters: str = "ABCDEFGHIJ", max_answer_chars: int | None = 2000,
+                  explain: bool = False) -> list[dict]:
+    """Score extracted answers against golds: one {score, why[, gold_repr, pred_repr]} per item. `preds` holds
+    the extracted answer string, or None (nothing extracted) or "\\0hedge" (hedge found during extraction)."""
+    out: list[dict | None] = [None] * len(golds)
+    remote: list[tuple[int, tuple, dict]] = []
+    for i, (gold, pred, mode) in enumerate(zip(golds, preds, modes)):
+        if mode not in MODES:
+            raise ValueError(f"accuracy: unknown mode {mode!r}; choose from {MODES}")
+        gold = "" if gold is None else str(gold).strip()
+        if not gold:
+            out[i] = {"score": None, "why": "gold_unparsed"}
+        elif pred is None or pred == "\0hedge":
+            out[i] = {"score": 0.0, "why": "no_answer" if pred is None else "hedge"}
+        elif max_answer_chars is not None and len(pred) > max_answer_chars:
+            out[i] = {"score": 0.0, "why": "too_long"}
+        elif mode in ("math", "numeric") and is_hedge(pred, gold):
+            out[i] = {"score": 0.0, "why": "hedge"}
+        elif mode in ("choice", "exact"):
+            s, why = _local(mode, gold, pred, letters)
+            out[i] = {"score": s, "why": why}
+        else:
+            key = (mode, gold, pred, rel_tol, abs_tol)
+            with _CACHE_LOCK:
+                hit = _CACHE.get(key) if not explain else None
+            if hit is not None:
+                out[i] = dict(hit)
+            else:
+                remote.append((i, key, {"mode": mode, "gold": gold, "pred": pred, "rel_tol": rel_tol,
+                                        "abs_tol": abs_tol, "explain": explain}))
+    if remote:
+        results = get_pool().map([r for _, _, r in remote], deadline=deadline)
+        with _CACHE_LOCK:
+            for (i, key, _), res in zip(remote, results):
+                out[i] = res
+                _CACHE[key] = {"score": res.get("score"), "why": res.get("why")}
+                if len(_CACHE) > _CACHE_MAX:
+                    _CACHE.popitem(last=False)
+    return out  # type: ignore[return-value]
 
 
 @register("accuracy")
-def accuracy_reward(completions, prompts=None, answer=None, **columns) -> list[float | None]:
-    """1.0 if the extracted answer verifies against `answer`, 0.0 if not; None where the gold does not parse."""
-    if answer is None:
-        raise KeyError("accuracy reward needs an 'answer' column")
-    out: list[float | None] = []
-    for c, gold in zip(completions, answer):
-        gold_parsed = _parse(str(gold)) or _parse(f"${gold}$")
-        if not gold_parsed:
-            out.append(None)
-            continue
-        pred = extract_answer(completion_text(c))
-        if pred is None:
-            out.append(0.0)
-            continue
-        pred_parsed = _parse(pred) or _parse(f"${pred}$")
-        out.append(1.0 if pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None) else 0.0)
-    return out
+def accuracy_reward(completions, prompts=None, *, gold_column: str = "answer", mode: str = "math",
+                    mode_column: str = "answer_mode", pattern: str | None = None, think_in_prompt: bool = False,
+                    rel_tol: float = 1e-4, abs_tol: float = 1e-8, deadline: float = 1.0,
+                    letters: str = "ABCDEFGHIJ", max_answer_chars: int | None = 2000,
+                    **columns) -> list[float | None]:
+    """1.0 if the completion's final answer matches column `gold_column`, else 0.0; None if the gold is unreadable."""
+    if gold_column not in columns:
+        raise KeyError(f"accuracy reward needs a {gold_column!r} column; got {sorted(columns)}")
+    golds = list(columns[gold_column])
+    item_modes = columns.get(mode_column)
+    modes = [str(m) if m else mode for m in item_modes] if item_modes is not None else [mode] * len(golds)
+    preds = []
+    for c in completions:
+        ans, why = extract_answer(completion_text(c), pattern, think_in_prompt)
+        preds.append("\0hedge" if why == "hedge" else ans)
+    res = score_answers(golds, preds, modes, rel_tol=rel_tol, abs_tol=abs_tol, deadline=deadline,
+                        letters=letters, max_answer_chars=max_answer_chars)
+    for kind in ("timeout", "error", "gold_unparsed", "hedge"):
+        _stats.count(kind + "s" if kind != "gold_unparsed" else kind, sum(r.get("why") == kind for r in res))
+    return [r.get("score") for r in res]

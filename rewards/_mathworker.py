@@ -1,0 +1,163 @@
+"""Verification worker: a separate process that parses and compares answers with math-verify and sympy.
+
+Run by rewards._pool as `python _mathworker.py`; speaks JSON lines on stdin/stdout. All sympy work, including
+str() of parsed objects (which can hang for tens of seconds), happens here and never in the trainer. A soft
+timer (SIGALRM, fine here: this is the worker's main thread) ends Python-level hangs; the pool SIGKILLs the
+worker for hangs inside C code (huge integer powers), and RLIMIT_AS turns memory blow-ups into MemoryError.
+Self-contained on purpose: it imports nothing from r1kit, so it starts in ~0.6 s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
+
+
+class _Timeout(BaseException):
+    """Raised by the soft timer; BaseException so sympy's broad `except Exception` cannot swallow it."""
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def _setup() -> None:
+    """Die with the trainer, cap memory, keep stdout for the protocol only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:
+            os._exit(0)
+    except Exception:  # not Linux: stdin EOF still ends us
+        pass
+    mem = int(os.environ.get("R1KIT_VERIFY_MEMORY_MB", "3072")) * 2**20
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    except (ImportError, ValueError, OSError):
+        pass
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which then closes our stdin
+    logging.disable(logging.CRITICAL)
+
+
+_setup()
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify  # noqa: E402
+from math_verify.parser import NormalizationConfig  # noqa: E402
+import sympy  # noqa: E402
+
+_LATEX = [LatexExtractionConfig(normalization_config=NormalizationConfig(units=True), boxed_match_priority=0)]
+_ANY = _LATEX + [ExprExtractionConfig()]
+_MULTI = (sympy.FiniteSet, sympy.Tuple, sympy.Interval, sympy.Union, sympy.MatrixBase, list, tuple, set)
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+# plain-word units after a number ("12 dollars", "3 km/h") that math-verify's \text{} unit handling misses
+_UNIT_WORDS = re.compile(rf"^\s*(\\?\$?\s*{_NUMBER})\s*(?:[a-zA-Z]{{2,}}(?:/[a-zA-Z]+)?\.?\s*)+$")
+_NOT_UNITS = {"pi", "sqrt", "frac", "cdot", "times", "mod", "ln", "log", "sin", "cos", "tan", "exp", "dfrac", "oo"}
+
+
+def _clean(s: str) -> str:
+    """Textual clean-up before parsing: answer lead-ins, trailing full stops, thousands separators, word units."""
+    s = s.strip()
+    s = re.sub(r"(?i)^(?:\\text\{)?\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is)?\s*[:=]?\s*\}?", "", s).strip()
+    s = re.sub(r"(?<=\d)(?:\{,\}|\\,|,)(?=\d{3}(?!\d))", "", s)
+    s = re.sub(r"[.。]+\s*$", "", s).strip()
+    m = _UNIT_WORDS.match(s)
+    if m and not (set(re.findall(r"[a-zA-Z]+", s[m.end(1):])) & _NOT_UNITS):
+        s = m.group(1)
+    return s
+
+
+def _parse(s: str, cache: dict | None = None):
+    """math-verify parse of a bare answer: first as the content of a \\boxed{} (keeps the whole expression), then
+    as free text."""
+    if cache is not None and s in cache:
+        return cache[s]
+    c = _clean(s)
+    out = parse("\\boxed{" + c + "}", extraction_config=_LATEX, parsing_timeout=None) or parse(
+        c, extraction_config=_ANY, parsing_timeout=None)
+    if cache is not None:
+        if len(cache) > 4096:
+            cache.clear()
+        cache[s] = out
+    return out
+
+
+def _is_multi(parsed) -> bool:
+    return bool(parsed) and isinstance(parsed[0], _MULTI) and not (
+        isinstance(parsed[0], sympy.FiniteSet) and len(parsed[0]) <= 1)
+
+
+def _number(parsed) -> float | None:
+    """The float value of a parsed answer, or None if it is not a single finite number."""
+    if not parsed:
+        return None
+    x = parsed[0]
+    if isinstance(x, sympy.Eq):
+        x = x.rhs
+    try:
+        v = complex(sympy.N(x, 30))
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return v.real if abs(v.imag) < 1e-12 and math.isfinite(v.real) else None
+
+
+_GOLD_CACHE: dict = {}
+
+
+def check(req: dict) -> dict:
+    """One verification: {mode, gold, pred, rel_tol, abs_tol, explain} -> {score, why, gold_repr, pred_repr}."""
+    mode, gold, pred = req.get("mode", "math"), req["gold"], req["pred"]
+    g = _parse(gold, _GOLD_CACHE)
+    if not g or isinstance(g[0], str):  # math-verify fell back to raw text: not a mathematical answer
+        return {"score": None, "why": "gold_unparsed"}
+    p = _parse(pred)
+    out: dict = {}
+    if req.get("explain"):
+        out = {"gold_repr": str(g[0])[:200], "pred_repr": str(p[0])[:200] if p else "[unparsed]"}
+    if not p:
+        return {"score": 0.0, "why": "pred_unparsed", **out}
+    if _is_multi(p) and not _is_multi(g):
+        return {"score": 0.0, "why": "hedge", **out}
+    if mode == "numeric":
+        gv, pv = _number(g), _number(p)
+        if gv is None:
+            return {"score": None, "why": "gold_unparsed", **out}
+        ok = pv is not None and math.isclose(pv, gv, rel_tol=req.get("rel_tol", 1e-4), abs_tol=req.get("abs_tol", 1e-8))
+    else:
+        ok = verify(g, p, timeout_seconds=None)
+    return {"score": 1.0 if ok else 0.0, "why": "ok" if ok else "wrong", **out}
+
+
+def main() -> None:
+    """Serve requests one line at a time; answer each with one line carrying its id."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # a stray print() inside a library must not corrupt the protocol
+    soft = float(os.environ.get("R1KIT_VERIFY_SOFT_S", "0.8"))
+    out.write('{"ready": true}\n')
+    for line in sys.stdin:
+        req = json.loads(line)
+        signal.setitimer(signal.ITIMER_REAL, soft)
+        try:
+            res = check(req)
+        except _Timeout:
+            res = {"score": 0.0, "why": "timeout"}
+        except MemoryError:
+            res = {"score": 0.0, "why": "timeout"}
+        except Exception as e:  # a parser bug on odd input is a wrong answer, reported as an error
+            res = {"score": 0.0, "why": "error", "error": repr(e)[:200]}
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        res["id"] = req["id"]
+        out.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
