@@ -69,10 +69,22 @@ def _clean(s: str) -> str:
     s = re.sub(r"(?i)^(?:\\text\{)?\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is)?\s*[:=]?\s*\}?", "", s).strip()
     s = re.sub(r"(?<=\d)(?:\{,\}|\\,|,)(?=\d{3}(?!\d))", "", s)
     s = re.sub(r"[.。]+\s*$", "", s).strip()
+    s = re.sub(r"\\[,;:! ]|~", " ", s)  # LaTeX spacing
+    s = re.sub(r"^([-+]?\d+(?:\.\d+)?)[eE]([-+]?\d+)$", r"\1\\times 10^{\2}", s)  # 1.5e3
     m = _UNIT_WORDS.match(s)
     if m and not (set(re.findall(r"[a-zA-Z]+", s[m.end(1):])) & _NOT_UNITS):
         s = m.group(1)
     return s
+
+
+_MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "exp", "sqrt", "pi", "inf", "infty", "mod", "max",
+               "min", "gcd", "lcm", "det", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "frac", "cdot"}
+
+
+def is_prose(gold: str) -> bool:
+    """A gold answer written in words ("see solution", "yes") is not a mathematical answer."""
+    s = re.sub(r"\\(?:text|mathrm|textbf|mbox|begin|end)\{[^{}]*\}|\\[A-Za-z]+", " ", _clean(gold))
+    return any(w.lower() not in _MATH_WORDS for w in re.findall(r"[A-Za-z]{3,}", s))
 
 
 def _parse(s: str, cache: dict | None = None):
@@ -115,7 +127,7 @@ _GOLD_CACHE: dict = {}
 def check(req: dict) -> dict:
     """One verification: {mode, gold, pred, rel_tol, abs_tol, explain} -> {score, why, gold_repr, pred_repr}."""
     mode, gold, pred = req.get("mode", "math"), req["gold"], req["pred"]
-    g = _parse(gold, _GOLD_CACHE)
+    g = None if is_prose(gold) else _parse(gold, _GOLD_CACHE)
     if not g or isinstance(g[0], str):  # math-verify fell back to raw text: not a mathematical answer
         return {"score": None, "why": "gold_unparsed"}
     p = _parse(pred)
@@ -136,15 +148,24 @@ def check(req: dict) -> dict:
     return {"score": 1.0 if ok else 0.0, "why": "ok" if ok else "wrong", **out}
 
 
+_WARMUP = [("(x+1)^2", "x^2+2x+1"), ("\\frac{1}{2}", "0.5"), ("(1,2]", "(1,2]"), ("\\{1,2\\}", "1,2"),
+           ("\\sqrt{8}", "2\\sqrt{2}"), ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
+           ("x=2", "2"), ("\\pi", "\\frac{\\pi}{1}"), ("50\\%", "0.5")]
+
+
 def main() -> None:
     """Serve requests one line at a time; answer each with one line carrying its id."""
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # a stray print() inside a library must not corrupt the protocol
-    soft = float(os.environ.get("R1KIT_VERIFY_SOFT_S", "0.8"))
+    for gold, pred in _WARMUP:  # sympy imports and caches lazily: pay that before the first deadline
+        try:
+            check({"gold": gold, "pred": pred})
+        except Exception:
+            pass
     out.write('{"ready": true}\n')
     for line in sys.stdin:
         req = json.loads(line)
-        signal.setitimer(signal.ITIMER_REAL, soft)
+        signal.setitimer(signal.ITIMER_REAL, req.get("soft_s", 0.8))
         try:
             res = check(req)
         except _Timeout:

@@ -104,7 +104,7 @@ def gold_is_single(gold: str) -> bool:
 def strip_thousands(s: str) -> str:
     """1,000,000 and 1{,}000 and 1\\,000 -> 1000000 (only digit groups of exactly three)."""
     s = re.sub(r"(?<=\d)(?:\{,\}|\\,|,)(?=\d{3}(?!\d))", "", s)
-    return s
+    return re.sub(r"\\[,;:! ]", " ", s)  # LaTeX spacing is not a list separator
 
 
 def is_hedge(pred: str, gold: str) -> bool:
