@@ -141,6 +141,219 @@ def moe_ffn_torch(x, topk_ids, topk_weights, w_gate_up, w_down):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Triton path: align sorted rows to BM-row blocks (one expert per block), fused gate/up GEMM + SwiGLU, grouped GEMMs
+# that gather rows by token and scatter them to (token, slot) positions, and per-expert weight-grad GEMMs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Pad each expert's sorted rows to a multiple of block_m. Returns slots[S_pad] (flat slot id, -1 = padding),
+    block_expert[S_pad / block_m] and padded offsets[E+1]; all vectorised, no per-token Python."""
+    order, counts, offsets = sort_by_expert(topk_ids, num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m  # [E]
+    poffsets = F.pad(torch.cumsum(padded, 0), (1, 0))  # [E+1]
+    expert_sorted = topk_ids.reshape(-1)[order]  # [S]
+    pos = torch.arange(order.numel(), device=order.device) - offsets[expert_sorted] + poffsets[expert_sorted]
+    slots = torch.full((int(poffsets[-1]),), -1, dtype=torch.int64, device=order.device)
+    slots[pos] = order
+    block_expert = torch.repeat_interleave(torch.arange(num_experts, device=order.device), padded // block_m)
+    return slots, block_expert, poffsets
+
+
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_fwd_kernel(x_ptr, w_ptr, h_ptr, a_ptr, slot_ptr, bexp_ptr, H, I, K_top,
+                           stride_xm, stride_we, stride_wn, stride_wk,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # rows p of one BM block (one expert e): h[p] = x[tok(p)] @ w_gate_up[e].T, a[p] = silu(gate) * up
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        e = tl.load(bexp_ptr + pid_m).to(tl.int64)
+        rp = pid_m * BM + tl.arange(0, BM)
+        slot = tl.load(slot_ptr + rp)
+        valid = slot >= 0
+        tok = tl.where(valid, slot // K_top, 0)
+        rn = pid_n * BN + tl.arange(0, BN)
+        nmask = rn < I
+        acc_g = tl.zeros((BM, BN), tl.float32)
+        acc_u = tl.zeros((BM, BN), tl.float32)
+        w_base = w_ptr + e * stride_we
+        for k0 in range(0, H, BK):
+            rk = k0 + tl.arange(0, BK)
+            kmask = rk < H
+            xa = tl.load(x_ptr + tok[:, None] * stride_xm + rk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+            wmask = kmask[:, None] & nmask[None, :]
+            wg = tl.load(w_base + rn[None, :] * stride_wn + rk[:, None] * stride_wk, mask=wmask, other=0.0)
+            wu = tl.load(w_base + (rn[None, :] + I) * stride_wn + rk[:, None] * stride_wk, mask=wmask, other=0.0)
+            acc_g = tl.dot(xa, wg, acc_g)  # [BM, BK] @ [BK, BN]
+            acc_u = tl.dot(xa, wu, acc_u)
+        act = acc_g * tl.sigmoid(acc_g) * acc_u
+        smask = nmask[None, :] & (rp[:, None] >= 0)
+        tl.store(h_ptr + rp[:, None] * (2 * I) + rn[None, :], acc_g.to(h_ptr.dtype.element_ty), mask=smask)
+        tl.store(h_ptr + rp[:, None] * (2 * I) + I + rn[None, :], acc_u.to(h_ptr.dtype.element_ty), mask=smask)
+        tl.store(a_ptr + rp[:, None] * I + rn[None, :], act.to(a_ptr.dtype.element_ty), mask=smask)
+
+    @triton.jit
+    def _grouped_mm_kernel(a_ptr, b_ptr, c_ptr, slot_ptr, bexp_ptr, scale_ptr, N, KD, K_top,
+                           stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm,
+                           A_BY_TOKEN: tl.constexpr, C_BY_SLOT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # C[rc(p)] = scale[p] * A[ra(p)] @ B[e] for rows p of one block; ra = token or p, rc = slot or p
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        e = tl.load(bexp_ptr + pid_m).to(tl.int64)
+        rp = pid_m * BM + tl.arange(0, BM)
+        slot = tl.load(slot_ptr + rp)
+        valid = slot >= 0
+        if A_BY_TOKEN:
+            ra = tl.where(valid, slot // K_top, 0)
+        else:
+            ra = rp
+        if C_BY_SLOT:
+            rc = tl.where(valid, slot, 0)
+        else:
+            rc = rp
+        rn = pid_n * BN + tl.arange(0, BN)
+        nmask = rn < N
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, KD, BK):
+            rk = k0 + tl.arange(0, BK)
+            kmask = rk < KD
+            av = tl.load(a_ptr + ra[:, None] * stride_am + rk[None, :] * stride_ak,
+                         mask=valid[:, None] & kmask[None, :], other=0.0)
+            bv = tl.load(b_ptr + e * stride_be + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                         mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(av, bv, acc)
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + rp)[:, None]
+        tl.store(c_ptr + rc[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=valid[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _grouped_wgrad_kernel(a_ptr, b_ptr, c_ptr, slot_ptr, poff_ptr, scale_ptr, M, N, K_top,
+                              stride_am, stride_bm, stride_ce, stride_cm,
+                              A_BY_TOKEN: tl.constexpr, B_BY_TOKEN: tl.constexpr, HAS_SCALE: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # C[e] = sum over expert e's rows r of (scale[r] * A[ra(r)])^T B[rb(r)]   ('rm,rn->mn')
+        e = tl.program_id(0).to(tl.int64)
+        pid_m, pid_n = tl.program_id(1), tl.program_id(2)
+        start = tl.load(poff_ptr + e)
+        end = tl.load(poff_ptr + e + 1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        acc = tl.zeros((BM, BN), tl.float32)
+        for r0 in range(start, end, BK):
+            rr = r0 + tl.arange(0, BK)
+            slot = tl.load(slot_ptr + rr, mask=rr < end, other=-1)
+            valid = slot >= 0
+            tok = tl.where(valid, slot // K_top, 0)
+            if A_BY_TOKEN:
+                ra = tok
+            else:
+                ra = rr
+            if B_BY_TOKEN:
+                rb = tok
+            else:
+                rb = rr
+            av = tl.load(a_ptr + ra[None, :] * stride_am + rm[:, None], mask=valid[None, :] & (rm[:, None] < M),
+                         other=0.0)  # [BM, BK]
+            bv = tl.load(b_ptr + rb[:, None] * stride_bm + rn[None, :], mask=valid[:, None] & (rn[None, :] < N),
+                         other=0.0)  # [BK, BN]
+            if HAS_SCALE:
+                av = (av * tl.load(scale_ptr + rr, mask=rr < end, other=0.0)[None, :]).to(bv.dtype)
+            acc = tl.dot(av, bv, acc)
+        tl.store(c_ptr + e * stride_ce + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _grouped_mm(a, b, c, slots, bexp, scale, N, KD, K, stride_b, a_by_token, c_by_slot, bm, bn, bk):
+    """Launch _grouped_mm_kernel; stride_b = (expert, k, n) strides of B viewed as [E, KD, N]."""
+    grid = (bexp.numel(), triton.cdiv(N, bn))
+    _grouped_mm_kernel[grid](a, b, c, slots, bexp, scale if scale is not None else slots, N, KD, K,
+                             a.stride(0), a.stride(1), *stride_b, c.stride(0),
+                             A_BY_TOKEN=a_by_token, C_BY_SLOT=c_by_slot, HAS_SCALE=scale is not None,
+                             BM=bm, BN=bn, BK=bk)
+
+
+def _grouped_wgrad(a, b, out, slots, poff, scale, K, a_by_token, b_by_token, bm, bn, bk):
+    """Launch _grouped_wgrad_kernel: out[E, M, N] = per-expert A^T B over that expert's rows."""
+    E, M, N = out.shape
+    grid = (E, triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _grouped_wgrad_kernel[grid](a, b, out, slots, poff, scale if scale is not None else slots, M, N, K,
+                                a.stride(0), b.stride(0), out.stride(0), out.stride(1),
+                                A_BY_TOKEN=a_by_token, B_BY_TOKEN=b_by_token, HAS_SCALE=scale is not None,
+                                BM=bm, BN=bn, BK=bk)
+
+
+class _TritonMoE(torch.autograd.Function):
+    """Triton MoE; saves the padded [S_pad, 2I] pre-activations and the block routing tables."""
+
+    @staticmethod
+    def forward(ctx, x, topk_ids, topk_weights, w_gate_up, w_down, bm, bn, bk):
+        x = x.contiguous()
+        T, H = x.shape
+        K = topk_ids.shape[1]
+        E, I2, _ = w_gate_up.shape
+        I = I2 // 2
+        slots, bexp, poff = align_blocks(topk_ids, E, bm)
+        valid = slots >= 0
+        acc = torch.promote_types(x.dtype, torch.float32)
+        ws = torch.where(valid, topk_weights.reshape(-1)[slots.clamp_min(0)].to(acc), 0.0)  # [S_pad]
+        h = torch.empty(slots.numel(), I2, dtype=x.dtype, device=x.device)  # [S_pad, 2I]
+        a = torch.empty(slots.numel(), I, dtype=x.dtype, device=x.device)  # [S_pad, I]
+        grid = (bexp.numel(), triton.cdiv(I, bn))
+        _swiglu_fwd_kernel[grid](x, w_gate_up, h, a, slots, bexp, H, I, K, x.stride(0), *w_gate_up.stride(),
+                                 BM=bm, BN=bn, BK=bk)
+        y = torch.empty(T * K, H, dtype=acc, device=x.device)  # [S, H] weighted rows at their (token, slot)
+        _grouped_mm(a, w_down, y, slots, bexp, ws, H, I, K, (w_down.stride(0), w_down.stride(2), w_down.stride(1)),
+                    False, True, bm, bn, bk)
+        ctx.save_for_backward(x, topk_weights, w_gate_up, w_down, slots, bexp, poff, ws, h)
+        ctx.blocks = (bm, bn, bk)
+        return y.view(T, K, H).sum(1).to(x.dtype)  # 'tkh->th' scatter-back
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, topk_weights, w_gate_up, w_down, slots, bexp, poff, ws, h = ctx.saved_tensors
+        bm, bn, bk = ctx.blocks
+        T, H = x.shape
+        K = topk_weights.shape[1]
+        E, I2, _ = w_gate_up.shape
+        I = I2 // 2
+        g = grad_out.to(x.dtype).contiguous()
+        da = torch.zeros(slots.numel(), I, dtype=x.dtype, device=x.device)  # [S_pad, I] unweighted g @ W_down
+        _grouped_mm(g, w_down, da, slots, bexp, None, I, H, K, (w_down.stride(0), w_down.stride(1), w_down.stride(2)),
+                    True, False, bm, bn, bk)
+        gate, up = h[:, :I].to(ws.dtype), h[:, I:].to(ws.dtype)
+        sg = torch.sigmoid(gate)
+        act = gate * sg
+        a = act * up  # [S_pad, I] recomputed expert hidden
+        da = da.to(ws.dtype)
+        dws = (da * a).sum(-1)  # [S_pad] grad of each routing weight
+        da = da * ws[:, None]
+        dh = torch.cat([da * up * sg * (1.0 + gate * (1.0 - sg)), da * act], dim=1).to(x.dtype)  # [S_pad, 2I]
+        dwd = torch.empty_like(w_down)
+        _grouped_wgrad(g, a.to(x.dtype), dwd, slots, poff, ws, K, True, False, bm, bn, bk)  # 'rh,ri->hi'
+        dwgu = torch.empty_like(w_gate_up)
+        _grouped_wgrad(dh, x, dwgu, slots, poff, None, K, False, True, bm, bn, bk)  # 'ri,rh->ih'
+        dxs = torch.empty(T * K, H, dtype=ws.dtype, device=x.device)  # [S, H] at (token, slot) positions
+        _grouped_mm(dh, w_gate_up, dxs, slots, bexp, None, H, I2, K,
+                    (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2)), False, True, bm, bn, bk)
+        valid = slots >= 0
+        dtw = torch.zeros(T * K, dtype=ws.dtype, device=x.device)
+        dtw[slots[valid]] = dws[valid]
+        dx = dxs.view(T, K, H).sum(1).to(x.dtype)
+        return dx, None, dtw.view(T, K).to(topk_weights.dtype), dwgu, dwd, None, None, None
+
+
+def moe_ffn_triton(x, topk_ids, topk_weights, w_gate_up, w_down, block_m: int = 64, block_n: int = 64,
+                   block_k: int = 32):
+    """Triton path (CUDA, or CPU tensors under TRITON_INTERPRET=1); block sizes must be >= 16 for tl.dot."""
+    if triton is None:
+        raise RuntimeError("moe_ffn_triton needs triton")
+    return _TritonMoE.apply(x, topk_ids, topk_weights, w_gate_up.contiguous(), w_down.contiguous(),
+                            block_m, block_n, block_k)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -149,7 +362,9 @@ def moe_ffn(x, topk_ids, topk_weights, w_gate_up, w_down, *, impl: str | None = 
     """Routed SwiGLU experts: x[T,H], topk_ids[T,K] int64, topk_weights[T,K], w_gate_up[E,2I,H], w_down[E,H,I]
     -> [T,H]. impl: None (Triton on CUDA, torch elsewhere), "triton", "torch" or "reference"."""
     if impl is None:
-        impl = "torch"
+        impl = "triton" if (x.is_cuda and triton is not None) else "torch"
+    if impl == "triton":
+        return moe_ffn_triton(x, topk_ids, topk_weights, w_gate_up, w_down)
     if impl == "torch":
         return moe_ffn_torch(x, topk_ids, topk_weights, w_gate_up, w_down)
     if impl == "reference":
