@@ -85,7 +85,7 @@ if triton is not None:
             e = tl.exp(z - m_new)
             s = s * scale + tl.sum(e, axis=0)
             t = t * scale + tl.sum(e * tl.where(mask, z, 0.0), axis=0)  # e = 0 on masked columns
-            zt += tl.sum(tl.where(cols == target, z, 0.0), axis=0)
+            zt += tl.sum(tl.where((cols == target) & mask, z, 0.0), axis=0)  # target may sit in the masked tail
             m = m_new
         tl.store(m_ptr + row, m)
         tl.store(s_ptr + row, s)
@@ -107,7 +107,7 @@ if triton is not None:
             mask = cols < C
             z = tl.load(z_ptr + row * stride_z + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
             p = tl.exp(z - lse)
-            dz = -p * (glp + gent * (z - ez)) + tl.where(cols == target, glp, 0.0)
+            dz = -p * (glp + gent * (z - ez)) + tl.where((cols == target) & mask, glp, 0.0)
             tl.store(z_ptr + row * stride_z + cols, (dz * inv_temp).to(z_ptr.dtype.element_ty), mask=mask)
 
 

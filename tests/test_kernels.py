@@ -1,0 +1,198 @@
+"""Kernels against their plain-torch references, forward and backward, on random shapes that are not multiples
+of the block sizes. Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set in conftest.py).
+
+Tolerances (fp32 unless stated): outputs and grads within atol 1e-4 / rtol 1e-4 of the reference (MoE, RMSNorm);
+fused log-prob within atol 2e-4 (its softmax is fp32 over chunks, the reference's over the full row);
+bf16 MoE within 3e-2 of the fp32 reference relative to the output scale.
+"""
+
+import pytest
+import torch
+
+from grpo.kernels.logprob import fused_logprob, logprob_reference
+from grpo.kernels.moe import align_blocks, moe_ffn, moe_ffn_triton
+from grpo.kernels.rmsnorm import rms_norm, rms_norm_reference
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _moe_inputs(T, H, E, K, I, seed, dtype=torch.float32, empty_expert=True):
+    """Random routing (distinct experts per token, optionally one expert never picked) and weights."""
+    g = torch.Generator().manual_seed(seed)
+    pool = E - 1 if empty_expert else E  # expert E-1 gets no tokens: exercises the empty-group paths
+    ids = torch.stack([torch.randperm(pool, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g, dtype=dtype)
+    x = torch.randn(T, H, generator=g, dtype=dtype)
+    wgu = torch.randn(E, 2 * I, H, generator=g, dtype=dtype) / H**0.5
+    wd = torch.randn(E, H, I, generator=g, dtype=dtype) / I**0.5
+    return x, ids, w, wgu, wd
+
+
+def _fwd_bwd(fn, inputs, grad_idx, seed=0):
+    """Run fn, backprop a fixed random cotangent, return (outputs, grads of inputs[grad_idx])."""
+    leaves = [t.detach().clone().requires_grad_(i in grad_idx) for i, t in enumerate(inputs)]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator().manual_seed(seed)
+    cot = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+    grads = torch.autograd.grad(outs, [leaves[i] for i in grad_idx], cot)
+    return [o.detach() for o in outs], list(grads)
+
+
+def _assert_close(got, want, atol, rtol):
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+# ------------------------------------------------------------------ MoE
+
+
+@pytest.mark.parametrize("T,H,E,K,I,seed", [(37, 40, 5, 2, 20, 0), (53, 24, 7, 3, 36, 1)])
+def test_moe_torch_matches_reference(T, H, E, K, I, seed):
+    inputs = _moe_inputs(T, H, E, K, I, seed)
+    ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, [0, 2, 3, 4])
+    got = _fwd_bwd(lambda *a: moe_ffn(*a, impl="torch"), inputs, [0, 2, 3, 4])
+    _assert_close(got[0] + got[1], ref[0] + ref[1], atol=1e-4, rtol=1e-4)
+    assert got[1][3][E - 1].abs().max() == 0  # the expert nobody picked gets exactly zero grad
+
+
+def test_moe_torch_gradcheck_float64():
+    x, ids, w, wgu, wd = _moe_inputs(9, 6, 4, 2, 5, seed=2, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (x, w, wgu, wd)]
+    assert torch.autograd.gradcheck(lambda x, w, a, b: moe_ffn(x, ids, w, a, b, impl="torch"), args)
+
+
+@pytest.mark.parametrize("T,H,E,K,I,seed", [(37, 40, 5, 2, 20, 0), (29, 33, 4, 3, 18, 3)])
+def test_moe_triton_matches_reference(T, H, E, K, I, seed):
+    inputs = _moe_inputs(T, H, E, K, I, seed)
+    ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, [0, 2, 3, 4])
+    # 16-wide blocks: several row blocks per expert, several k-steps, ragged edges on every dim
+    got = _fwd_bwd(lambda *a: moe_ffn_triton(*a, block_m=16, block_n=16, block_k=16), inputs, [0, 2, 3, 4])
+    _assert_close(got[0] + got[1], ref[0] + ref[1], atol=1e-4, rtol=1e-4)
+
+
+def test_align_blocks_pads_each_expert_to_whole_blocks():
+    ids = torch.tensor([[0, 2], [2, 1], [0, 2], [2, 0]])
+    slots, block_expert, poff = align_blocks(ids, num_experts=4, block_m=2)
+    assert poff.tolist() == [0, 4, 6, 10, 10]  # counts 3, 1, 4, 0 padded to 4, 2, 4, 0
+    assert block_expert.tolist() == [0, 0, 1, 2, 2]
+    flat = ids.reshape(-1)
+    for b, e in enumerate(block_expert.tolist()):
+        blk = slots[2 * b : 2 * b + 2]
+        assert (flat[blk[blk >= 0]] == e).all()
+    assert sorted(slots[slots >= 0].tolist()) == list(range(8))
+
+
+def test_moe_layout_matches_transformers_deepseek_v3_experts():
+    """Same weights in transformers' DeepseekV3Experts (eager backend) give the same output and grads."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
+
+    T, H, E, K, I = 31, 32, 6, 3, 24
+    cfg = DeepseekV3Config(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K)
+    cfg._experts_implementation = "eager"
+    hf = DeepseekV3Experts(cfg)
+    x, ids, w, wgu, wd = _moe_inputs(T, H, E, K, I, seed=4)
+    with torch.no_grad():
+        hf.gate_up_proj.copy_(wgu)
+        hf.down_proj.copy_(wd)
+    xr = x.clone().requires_grad_()
+    want = hf(xr, ids, w)
+    want.square().sum().backward()
+    xs, a, b = (t.clone().requires_grad_() for t in (x, wgu, wd))
+    got = moe_ffn(xs, ids, w, a, b, impl="torch")
+    got.square().sum().backward()
+    _assert_close([got, xs.grad, a.grad, b.grad], [want, xr.grad, hf.gate_up_proj.grad, hf.down_proj.grad],
+                  atol=1e-5, rtol=1e-5)
+
+
+def test_moe_torch_bf16_close_to_fp32_reference():
+    x, ids, w, wgu, wd = _moe_inputs(41, 48, 6, 2, 32, seed=5)
+    want = moe_ffn(x, ids, w, wgu, wd, impl="reference")
+    got = moe_ffn(x.bfloat16(), ids, w, wgu.bfloat16(), wd.bfloat16(), impl="torch")
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 3e-2 * want.abs().max()
+
+
+def test_moe_dispatch_uses_torch_path_on_cpu():
+    x, ids, w, wgu, wd = _moe_inputs(5, 8, 3, 2, 4, seed=6)
+    out = moe_ffn(x.requires_grad_(), ids, w, wgu, wd)
+    assert type(out.grad_fn).__name__ == "_SortedMoEBackward"
+
+
+@needs_cuda
+def test_moe_triton_on_cuda_matches_reference():
+    inputs = [t.cuda() for t in _moe_inputs(300, 256, 8, 2, 128, seed=7)]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    want = moe_ffn(*inputs, impl="reference")
+    got = moe_ffn(*inputs)  # dispatches to Triton on CUDA
+    assert type(got.grad_fn).__name__ in ("_TritonMoEBackward", "NoneType")
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)  # tl.dot may use tf32 on the GPU
+
+
+# ------------------------------------------------------------------ RMSNorm
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 45), (5, 130)])
+def test_rms_norm_triton_matches_reference(shape):
+    g = torch.Generator().manual_seed(8)
+    x, w = torch.randn(*shape, generator=g), torch.randn(shape[-1], generator=g)
+    ref = _fwd_bwd(lambda a, b: rms_norm(a, b, 1e-6, impl="torch"), (x, w), [0, 1])
+    got = _fwd_bwd(lambda a, b: rms_norm(a, b, 1e-6, impl="triton"), (x, w), [0, 1])
+    _assert_close(got[0] + got[1], ref[0] + ref[1], atol=1e-4, rtol=1e-4)
+
+
+def test_rms_norm_triton_bf16_returns_input_dtype():
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(6, 70, generator=g).bfloat16(), torch.randn(70, generator=g)
+    got = rms_norm(x, w, 1e-6, impl="triton")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, rms_norm_reference(x, w, 1e-6), atol=2e-2, rtol=2e-2)
+
+
+def test_rms_norm_matches_transformers():
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    hf = DeepseekV3RMSNorm(45, eps=1e-6)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(45))
+    x = torch.randn(4, 9, 45)
+    torch.testing.assert_close(rms_norm(x, hf.weight, 1e-6), hf(x), atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ fused log-prob
+
+
+def _logprob_inputs(N, H, V, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / H**0.25
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[1] = -100  # ignored position
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("N,H,V,chunk,temp", [(13, 24, 301, 64, 0.7), (9, 40, 97, 97, 1.0), (17, 16, 250, 33, 1.3)])
+def test_fused_logprob_matches_reference(impl, N, H, V, chunk, temp):
+    inputs = _logprob_inputs(N, H, V, seed=N)
+    ref = _fwd_bwd(lambda h, w, t: logprob_reference(h, w, t, temp), inputs, [0, 1])
+    got = _fwd_bwd(lambda h, w, t: fused_logprob(h, w, t, temp, chunk_size=chunk, impl=impl), inputs, [0, 1])
+    _assert_close(got[0] + got[1], ref[0] + ref[1], atol=2e-4, rtol=1e-4)
+    assert got[0][0][1] == 0  # ignored target
+    assert (got[0][1] > 0).all() and (got[0][1] <= torch.log(torch.tensor(float(V))) + 1e-4).all()
+
+
+def test_fused_logprob_result_independent_of_chunk_size():
+    h, w, t = _logprob_inputs(11, 32, 200, seed=10)
+    a = fused_logprob(h, w, t, chunk_size=7)
+    b = fused_logprob(h, w, t, chunk_size=200)
+    _assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
+def test_fused_logprob_on_cuda_matches_reference():
+    h, w, t = (x.cuda() for x in _logprob_inputs(64, 128, 5000, seed=11))
+    got = fused_logprob(h, w, t, chunk_size=1024)
+    want = logprob_reference(h, w, t)
+    _assert_close(got, want, atol=1e-2, rtol=1e-2)
