@@ -1,6 +1,8 @@
 """Verification worker: a separate process that parses and compares answers with math-verify and sympy.
 
-Run by rewards._pool as `python _mathworker.py`; speaks JSON lines on stdin/stdout. All sympy work, including
+Run by rewards._pool as `python _mathworker.py FD` once per trainer process: this first process is a zygote that
+imports and warms up sympy, then forks a ready worker (~10 ms) for every socket the pool sends it over FD, so a
+worker killed for its deadline is replaced at once. Workers speak JSON lines on their socket. All sympy work, including
 str() of parsed objects (which can hang for tens of seconds), happens here and never in the trainer. A soft
 timer (SIGALRM, fine here: this is the worker's main thread) ends Python-level hangs; the pool SIGKILLs the
 worker for hangs inside C code (huge integer powers), and RLIMIT_AS turns memory blow-ups into MemoryError.
@@ -26,16 +28,21 @@ def _alarm(signum, frame):
     raise _Timeout()
 
 
-def _setup() -> None:
-    """Die with the trainer, cap memory, keep stdout for the protocol only."""
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: SIGKILL when the parent goes (Linux; elsewhere a closed socket still ends the loop)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
         if os.getppid() == 1:
             os._exit(0)
-    except Exception:  # not Linux: stdin EOF still ends us
+    except Exception:
         pass
+
+
+def _setup() -> None:
+    """Die with the trainer, cap memory, quiet logs."""
+    _die_with_parent()
     mem = int(os.environ.get("R1KIT_VERIFY_MEMORY_MB", "3072")) * 2**20
     try:
         import resource
@@ -153,31 +160,55 @@ _WARMUP = [("(x+1)^2", "x^2+2x+1"), ("\\frac{1}{2}", "0.5"), ("(1,2]", "(1,2]"),
            ("x=2", "2"), ("\\pi", "\\frac{\\pi}{1}"), ("50\\%", "0.5")]
 
 
-def main() -> None:
-    """Serve requests one line at a time; answer each with one line carrying its id."""
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # a stray print() inside a library must not corrupt the protocol
-    for gold, pred in _WARMUP:  # sympy imports and caches lazily: pay that before the first deadline
-        try:
-            check({"gold": gold, "pred": pred})
-        except Exception:
-            pass
-    out.write('{"ready": true}\n')
-    for line in sys.stdin:
+def serve(sock) -> None:
+    """Worker loop: one request line in, one result line (same id) out, until the socket closes."""
+    rf, wf = sock.makefile("rb"), sock.makefile("wb")
+    wf.write(b'{"ready": true}\n')
+    wf.flush()
+    for line in rf:
         req = json.loads(line)
         signal.setitimer(signal.ITIMER_REAL, req.get("soft_s", 0.8))
         try:
             res = check(req)
-        except _Timeout:
-            res = {"score": 0.0, "why": "timeout"}
-        except MemoryError:
+        except (_Timeout, MemoryError):
             res = {"score": 0.0, "why": "timeout"}
         except Exception as e:  # a parser bug on odd input is a wrong answer, reported as an error
             res = {"score": 0.0, "why": "error", "error": repr(e)[:200]}
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
         res["id"] = req["id"]
-        out.write(json.dumps(res) + "\n")
+        wf.write((json.dumps(res) + "\n").encode())
+        wf.flush()
+
+
+def main() -> None:
+    """Zygote: warm up, then fork one worker per socket received on the control socket; reply with its pid."""
+    import socket
+
+    os.dup2(2, 1)  # a stray print() inside a library must not reach anything that parses
+    ctrl = socket.socket(fileno=int(sys.argv[1]))
+    for gold, pred in _WARMUP:  # sympy imports and caches lazily: pay that once, before any deadline
+        try:
+            check({"gold": gold, "pred": pred})
+        except Exception:
+            pass
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped by the kernel; the pool kills by pid
+    ctrl.sendall(b"ready\n")
+    while True:
+        msg, fds, _, _ = socket.recv_fds(ctrl, 16, 1)
+        if not msg:
+            os._exit(0)  # the trainer is gone
+        pid = os.fork()
+        if pid == 0:
+            ctrl.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _die_with_parent()
+            try:
+                serve(socket.socket(fileno=fds[0]))
+            finally:
+                os._exit(0)
+        os.close(fds[0])
+        ctrl.sendall(f"{pid}\n".encode())
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Why not math-verify's own timeout: it uses SIGALRM, which only works in the main thread, so it is off in
 trainer threads, and it cannot interrupt C code. Why not multiprocessing.Pool: its workers cannot be killed
-per task, and daemonic processes (a multiprocessing.Pool worker) may not start children. So: plain
-subprocesses speaking JSON lines, a deadline measured here with select(), SIGKILL and replace on expiry. No
+per task, and daemonic processes (a multiprocessing.Pool worker) may not start children. So: one plain
+subprocess per trainer process (a zygote that has imported and warmed sympy) forks workers that speak JSON
+lines over sockets; a deadline measured here with select(); SIGKILL and a fresh fork (~10 ms) on expiry. No
 signal is used in the caller, so the deadline holds in the main thread, worker threads, subprocesses, daemonic
 pool workers and every rank of a distributed run (each process gets its own pool, rebuilt after fork).
 """
@@ -15,6 +16,8 @@ import json
 import os
 import queue
 import select
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,20 +29,22 @@ _WORKER = str(Path(__file__).with_name("_mathworker.py"))
 
 
 class _Worker:
-    """One worker process and its read buffer; `task` is the index in flight, `t0` when it was sent."""
+    """One worker process (forked by the zygote) and its socket; `task` is the index in flight, `t0` when sent."""
 
-    def __init__(self, proc: subprocess.Popen):
-        self.proc, self.buf, self.ready, self.task, self.t0 = proc, b"", False, None, 0.0
-        self.fd = proc.stdout.fileno()
+    def __init__(self, pid: int, sock: socket.socket):
+        self.pid, self.sock, self.buf, self.ready, self.task, self.t0 = pid, sock, b"", False, None, 0.0
+        self.fd = sock.fileno()
 
     def send(self, idx: int, req: dict) -> None:
         self.task, self.t0 = idx, time.monotonic()
-        self.proc.stdin.write((json.dumps({**req, "id": idx}) + "\n").encode())
-        self.proc.stdin.flush()
+        self.sock.sendall((json.dumps({**req, "id": idx}) + "\n").encode())
 
     def read_lines(self) -> list[dict] | None:
         """Complete JSON lines now available; None at EOF (the worker died)."""
-        chunk = os.read(self.fd, 1 << 16)
+        try:
+            chunk = self.sock.recv(1 << 16)
+        except OSError:
+            chunk = b""
         if not chunk:
             return None
         self.buf += chunk
@@ -48,15 +53,10 @@ class _Worker:
 
     def kill(self) -> None:
         try:
-            self.proc.kill()
+            os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        self.proc.wait()
+        self.sock.close()
 
 
 class VerifyPool:
@@ -65,11 +65,14 @@ class VerifyPool:
 
     def __init__(self, size: int | None = None):
         self.size = size or int(os.environ.get("R1KIT_VERIFY_WORKERS", 0)) or max(2, min(os.cpu_count() or 2, 8))
+        self.max_size = 2 * self.size + 2  # busy threads may fork extra workers (cheap: the zygote forks them)
         self.pid = os.getpid()
         self._idle: deque[_Worker] = deque()
         self._live: set[_Worker] = set()
         self._lock = threading.Condition()
-        # Workers are started from one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that forked
+        self._zlock = threading.Lock()
+        self._zygote: subprocess.Popen | None = None
+        # The zygote is started from one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that forked
         # a child exits, and callers may be short-lived pool threads.
         self._spawn_q: queue.Queue = queue.Queue()
         threading.Thread(target=self._spawner, daemon=True, name="r1kit-verify-spawner").start()
@@ -80,22 +83,56 @@ class VerifyPool:
         while True:
             box, ev = self._spawn_q.get()
             try:
-                box.append(subprocess.Popen([sys.executable, "-u", _WORKER],
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=subprocess.DEVNULL, close_fds=True))
+                ours, theirs = socket.socketpair()
+                proc = subprocess.Popen([sys.executable, "-u", _WORKER, str(theirs.fileno())],
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                theirs.close()
+                box.append((proc, ours))
             except BaseException as e:  # noqa: BLE001 - reported to the caller below
                 box.append(e)
             ev.set()
 
-    def _spawn(self) -> _Worker:
+    def _start_zygote(self) -> None:
         box, ev = [], threading.Event()
         self._spawn_q.put((box, ev))
         ev.wait()
         if isinstance(box[0], BaseException):
             raise box[0]
-        w = _Worker(box[0])
-        self._live.add(w)
-        return w
+        self._zygote, self._ctrl = box[0]
+        self._ctrl_buf = b""
+        if self._readline() != b"ready":
+            raise RuntimeError("r1kit verification zygote failed to start (is math-verify installed?)")
+
+    def _readline(self) -> bytes:
+        while b"\n" not in self._ctrl_buf:
+            chunk = self._ctrl.recv(4096)
+            if not chunk:
+                return b""
+            self._ctrl_buf += chunk
+        line, _, self._ctrl_buf = self._ctrl_buf.partition(b"\n")
+        return line
+
+    def _spawn(self) -> _Worker:
+        """A fresh, already warm worker forked by the zygote (the zygote itself is restarted if it died)."""
+        with self._zlock:
+            for _ in range(2):
+                if self._zygote is None or self._zygote.poll() is not None:
+                    self._start_zygote()
+                ours, theirs = socket.socketpair()
+                try:
+                    socket.send_fds(self._ctrl, [b"w"], [theirs.fileno()])
+                    pid = int(self._readline() or 0)
+                except OSError:
+                    pid = 0
+                theirs.close()
+                if pid:
+                    w = _Worker(pid, ours)
+                    self._live.add(w)
+                    return w
+                ours.close()
+                self._zygote.kill()
+            raise RuntimeError("r1kit verification zygote keeps failing")
 
     def _replace(self, w: _Worker) -> _Worker:
         w.kill()
@@ -103,13 +140,19 @@ class VerifyPool:
         return self._spawn()
 
     def _checkout(self, want: int, block: bool) -> list[_Worker]:
+        """Take up to `want` idle workers. `block`: the caller holds none, so it gets at least one; a new one
+        is forked when all are busy (other threads) and the pool is below max_size, else it waits."""
         with self._lock:
-            if block:
-                self._lock.wait_for(lambda: self._idle, timeout=None)
             got = []
             while self._idle and len(got) < want:
                 got.append(self._idle.popleft())
-            return got
+            grow = block and not got and len(self._live) < self.max_size
+            if block and not got and not grow:
+                self._lock.wait_for(lambda: self._idle)
+                got.append(self._idle.popleft())
+        if grow:
+            got.append(self._spawn())
+        return got
 
     def _release(self, ws: list[_Worker]) -> None:
         with self._lock:
@@ -169,6 +212,9 @@ class VerifyPool:
             w.kill()
         self._live.clear()
         self._idle.clear()
+        if self._zygote is not None:
+            self._zygote.kill()
+            self._zygote.wait()
 
 
 _POOL: VerifyPool | None = None
@@ -176,7 +222,7 @@ _POOL_LOCK = threading.Lock()
 
 
 def get_pool() -> VerifyPool:
-    """The process's pool, started on first use and rebuilt in a forked child (pipes do not survive fork)."""
+    """The process's pool, started on first use and rebuilt in a forked child (sockets do not survive fork)."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL.pid != os.getpid():
