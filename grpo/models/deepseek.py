@@ -352,9 +352,10 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
 
     def _apply(self, fn, recurse=True):
+        bias = self.e_score_correction_bias  # .to(dtype) must not round it: follow the device only
         super()._apply(fn, recurse)
-        if self.e_score_correction_bias is not None:
-            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        if bias is not None:
+            self.e_score_correction_bias = bias.to(self.weight.device)
         return self
 
 
@@ -385,8 +386,9 @@ class MoE(nn.Module):
         self.aux_loss = None
 
     def _apply(self, fn, recurse=True):
+        load = self.load  # token counts stay fp32 (exact) in a bf16 model
         super()._apply(fn, recurse)
-        self.load = self.load.float()  # token counts stay exact in a bf16 model
+        self.load = load.to(self.gate.weight.device)
         return self
 
     def forward(self, x):
