@@ -74,7 +74,8 @@ def _clean(s: str) -> str:
     """Textual clean-up before parsing: answer lead-ins, trailing full stops, thousands separators, word units."""
     s = s.strip()
     s = re.sub(r"(?i)^(?:\\text\{)?\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is)?\s*[:=]?\s*\}?", "", s).strip()
-    s = re.sub(r"(?<=\d)(?:\{,\}|\\,|,)(?=\d{3}(?!\d))", "", s)
+    if not re.search(r"[()\[\]]|\\\{", s):  # 1,000 is a thousand; (1,000] and \{1,000\} are not
+        s = re.sub(r"(?<=\d)(?:\{,\}|\\,|,)(?=\d{3}(?!\d))", "", s)
     s = re.sub(r"[.。]+\s*$", "", s).strip()
     s = re.sub(r"\\[,;:! ]|~", " ", s)  # LaTeX spacing
     s = re.sub(r"^([-+]?\d+(?:\.\d+)?)[eE]([-+]?\d+)$", r"\1\\times 10^{\2}", s)  # 1.5e3

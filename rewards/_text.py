@@ -103,7 +103,8 @@ def gold_is_single(gold: str) -> bool:
 
 def strip_thousands(s: str) -> str:
     """1,000,000 and 1{,}000 and 1\\,000 -> 1000000 (only digit groups of exactly three)."""
-    s = re.sub(r"(?<=\d)(?:\{,\}|\\,|,)(?=\d{3}(?!\d))", "", s)
+    if not re.search(r"[()\[\]]|\\\{", s):  # 1,000 is a thousand; (1,000] and \{1,000\} are not
+        s = re.sub(r"(?<=\d)(?:\{,\}|\\,|,)(?=\d{3}(?!\d))", "", s)
     return re.sub(r"\\[,;:! ]", " ", s)  # LaTeX spacing is not a list separator
 
 

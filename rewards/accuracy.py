@@ -24,6 +24,7 @@ from rewards.registry import register
 
 MODES = ("math", "numeric", "choice", "exact")
 _CACHE: OrderedDict = OrderedDict()  # (mode, gold, pred, tolerances) -> (score, why): groups repeat answers
+_GOLD_OK: dict[str, bool] = {}  # gold text -> parses (learned from the workers' answers)
 _CACHE_LOCK = Lock()
 _CACHE_MAX = 100_000
 
@@ -85,7 +86,10 @@ def score_answers(golds: list, preds: list, modes: list[str], *, rel_tol: float 
             key = (mode, gold, pred, rel_tol, abs_tol)
             with _CACHE_LOCK:
                 hit = _CACHE.get(key) if not explain else None
-            if hit is not None:
+                same = _GOLD_OK.get(gold) and "".join(pred.split()) == "".join(gold.split())
+            if same and not explain:  # the gold's own text, and the gold is known to parse: no sympy needed
+                out[i] = {"score": 1.0, "why": "ok"}
+            elif hit is not None:
                 out[i] = dict(hit)
             else:
                 remote.append((i, key, {"mode": mode, "gold": gold, "pred": pred, "rel_tol": rel_tol,
@@ -99,8 +103,11 @@ def score_answers(golds: list, preds: list, modes: list[str], *, rel_tol: float 
             for key, res in results.items():
                 if res.get("why") not in ("timeout", "error"):  # those may be load, not the answer: retry later
                     _CACHE[key] = {"score": res.get("score"), "why": res.get("why")}
+                    _GOLD_OK[key[1]] = res.get("why") != "gold_unparsed"
             while len(_CACHE) > _CACHE_MAX:
                 _CACHE.popitem(last=False)
+            if len(_GOLD_OK) > _CACHE_MAX:
+                _GOLD_OK.clear()
     return out  # type: ignore[return-value]
 
 
