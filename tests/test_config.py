@@ -1,0 +1,102 @@
+"""Config loading: unknown keys and bad values give one line naming the key, its source and the fix."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from grpo.config import ConfigError, GRPOConfig, load_recipe, load_stage
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "r1-zero-tiny.yaml"
+
+
+def test_builtin_recipe_loads_by_name_and_path():
+    by_name = load_recipe("r1-zero-tiny")
+    by_path = load_recipe(str(RECIPE))
+    assert by_name.stages == by_path.stages == ["pretrain", "eval", "grpo", "eval"]
+    assert by_name.sections["grpo"].kind == "grpo"
+    assert by_name.sections["grpo"].epsilon_high == 0.28
+
+
+def test_override_sets_values_with_types():
+    r = load_recipe("r1-zero-tiny", ["grpo.learning_rate=1e-5", "grpo.sampling.stop=[x, y]", "grpo.rewards.1.weight=2", "eval.k=2"])
+    g = r.sections["grpo"]
+    assert g.learning_rate == 1e-5 and g.sampling.stop == ["x", "y"] and g.rewards[1].weight == 2.0
+    assert r.sections["eval"].k == 2
+
+
+def test_misspelt_override_names_key_and_suggestion():
+    with pytest.raises(ConfigError) as e:
+        load_recipe("r1-zero-tiny", ["grpo.lerning_rate=1e-5"])
+    msg = str(e.value)
+    assert "lerning_rate" in msg and "did you mean 'learning_rate'" in msg and "override" in msg
+    assert "\n" not in msg
+
+
+def test_misspelt_key_in_file_names_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(RECIPE.read_text().replace("  group_size: 8", "  grup_size: 8"))
+    with pytest.raises(ConfigError) as e:
+        load_recipe(str(bad))
+    msg = str(e.value)
+    assert str(bad) in msg and "grup_size" in msg and "group_size" in msg and "grpo.grup_size" in msg
+
+
+def test_nested_unknown_key_and_bad_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'temprature'.*did you mean 'temperature'"):
+        load_recipe("r1-zero-tiny", ["grpo.sampling.temprature=0.7"])
+    with pytest.raises(ConfigError, match=r"grpo\.steps: .*integer.*'many'"):
+        load_recipe("r1-zero-tiny", ["grpo.steps=many"])
+    with pytest.raises(ConfigError, match=r"grpo\.group_size: .*greater than or equal to 2"):
+        load_recipe("r1-zero-tiny", ["grpo.group_size=1"])
+
+
+def test_unknown_top_level_key_and_stage(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text(textwrap.dedent("""
+        name: x
+        stagse: [grpo]
+        grpo: {steps: 2}
+    """))
+    with pytest.raises(ConfigError, match=r"unknown key 'stagse'.*did you mean 'stages'"):
+        load_recipe(str(f))
+    f.write_text("name: x\nstages: [grpoo]\ngrpo: {steps: 2}\n")
+    with pytest.raises(ConfigError, match=r"stage 'grpoo' has no section; did you mean 'grpo'"):
+        load_recipe(str(f))
+
+
+def test_bare_stage_file_and_unknown_recipe(tmp_path):
+    f = tmp_path / "g.yaml"
+    f.write_text("model: some/dir\nsteps: 3\nbeta: 0.0\n")
+    cfg, recipe = load_stage("grpo", str(f))
+    assert isinstance(cfg, GRPOConfig) and cfg.steps == 3 and recipe is None
+    f.write_text("model: some/dir\nstep: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'step'.*did you mean 'steps'"):
+        load_stage("grpo", str(f))
+    with pytest.raises(ConfigError, match=r"no recipe named 'r1-zero-tin'; did you mean 'r1-zero-tiny'"):
+        load_recipe("r1-zero-tin")
+
+
+def _r1(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "grpo.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_cli_error_is_one_line_without_traceback():
+    p = _r1("grpo", "recipes/r1-zero-tiny.yaml", "grpo.lerning_rate=1e-5")
+    assert p.returncode == 2
+    err = p.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert "lerning_rate" in err and "learning_rate" in err
+    p = _r1("run", "r1-zero-tiny", "grpo.rewards.0.name=acuracy")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "unknown reward 'acuracy'; did you mean 'accuracy'" in p.stderr
+
+
+def test_cli_names_missing_template_and_reward_file(tmp_path):
+    p = _r1("run", "r1-zero-tiny", f"grpo.template={tmp_path}/nope.jinja")
+    assert p.returncode == 2 and "nope.jinja" in p.stderr and "Traceback" not in p.stderr
+    p = _r1("run", "r1-zero-tiny", f"grpo.rewards.0.name={tmp_path}/mine.py:score")
+    assert p.returncode == 2 and "mine.py" in p.stderr and "does not exist" in p.stderr
