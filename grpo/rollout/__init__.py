@@ -1,3 +1,17 @@
 """Rollout workers: the RolloutWorker protocol, the native torch sampler and the vLLM worker."""
 
 from grpo.rollout.base import Completion, RolloutWorker, SamplingParams  # noqa: F401
+
+
+def make_worker(kind: str, model, tokenizer, model_path: str, **kwargs) -> RolloutWorker:
+    """The trainer's sampler: `native` shares the live model; `vllm` runs an engine on the checkpoint at
+    `model_path` and receives new weights through update_weights after every optimizer step."""
+    if kind == "native":
+        from grpo.rollout.native import NativeWorker
+
+        return NativeWorker(model, tokenizer)
+    if kind == "vllm":
+        from grpo.rollout.vllm import VLLMWorker
+
+        return VLLMWorker(model_path, **kwargs)
+    raise ValueError(f"unknown rollout {kind!r} (native or vllm)")
