@@ -1,0 +1,160 @@
+"""GRPO stage: sample G completions per prompt, score them, normalise rewards within each group, and take a
+clipped-ratio policy-gradient step with a k3 KL penalty against a frozen reference; then sync the sampler.
+
+Simplifications: one process (multi-process data parallel comes with accelerate later); the reference model
+is a frozen copy of the starting policy; with num_iterations == 1 the "old" log-probs are the current ones
+detached (ratio == 1, as in TRL), otherwise they are computed once before the updates.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+import rewards as reward_lib
+from grpo import algo, checkpoint
+from grpo.config import GRPOConfig
+from grpo.data import load_rows
+from grpo.models import hf
+from grpo.rollout import SamplingParams, make_worker
+from grpo.sft import make_optimizer, progress
+from grpo.templates import render
+
+
+def build_batch(prompt_ids: list[list[int]], comps, pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts + right-padded completions, so every completion starts at column Lp.
+    Returns input_ids/attention_mask/position_ids [B, Lp+Lc], completion_ids/completion_mask [B, Lc]."""
+    Lp = max(len(prompt_ids[c.prompt_index]) for c in comps)
+    Lc = max(1, max(len(c.token_ids) for c in comps))
+    B = len(comps)
+    ids = torch.full((B, Lp + Lc), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, Lp + Lc), dtype=torch.long)
+    for i, c in enumerate(comps):
+        p = prompt_ids[c.prompt_index]
+        ids[i, Lp - len(p): Lp] = torch.tensor(p)
+        ids[i, Lp: Lp + len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
+        attn[i, Lp - len(p): Lp + len(c.token_ids)] = 1
+    return {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+            "completion_ids": ids[:, Lp:], "completion_mask": attn[:, Lp:].float(), "prompt_len": Lp}
+
+
+def policy_logprobs(model, batch: dict, rows: slice, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies [b, Lc] of the completion tokens of batch[rows]."""
+    Lp = batch["prompt_len"]
+    logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                   position_ids=batch["position_ids"][rows]).logits[:, Lp - 1: -1]  # [b, Lc, V]
+    return algo.token_logprobs(logits, batch["completion_ids"][rows], temperature)
+
+
+def backward_batch(model, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: GRPOConfig) -> dict[str, float]:
+    """Accumulate the gradient of the whole batch's GRPO loss, micro-batch by micro-batch (the micro-batch
+    losses are weighted so that they add up to the full-batch loss for every loss_type); returns metrics."""
+    mask = batch["completion_mask"]
+    B, n_tok = mask.shape[0], mask.sum()
+    agg: dict[str, float] = {"loss": 0.0}
+    for s in range(0, B, cfg.micro_batch_size):
+        m = slice(s, min(s + cfg.micro_batch_size, B))
+        lp, ent = policy_logprobs(model, batch, m, cfg.sampling.temperature)
+        loss, mets = algo.grpo_loss(lp, old_lp[m] if old_lp is not None else lp.detach(), ref_lp[m] if ref_lp is not None else None,
+                                    adv[m], mask[m], epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                                    loss_type=cfg.loss_type, max_len=mask.shape[1])
+        share = mask[m].sum() / n_tok if cfg.loss_type == "bnpo" else (m.stop - m.start) / B
+        (loss * share).backward()
+        agg["loss"] += float(loss.detach() * share)
+        w = float(mask[m].sum() / n_tok)  # token-weighted averages of the per-token metrics
+        for k, v in {**mets, "entropy": algo.masked_mean(ent, mask[m])}.items():
+            agg[k] = agg.get(k, 0.0) + float(v) * w
+    return agg
+
+
+def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | None = None) -> Path:
+    """Run GRPO from `model_path`; writes out_dir/metrics.jsonl and returns the final checkpoint out_dir/final."""
+    console = console or Console()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    reward_set = reward_lib.RewardSet.from_specs([r.model_dump() for r in cfg.rewards])
+    rows = load_rows(cfg.data)
+    model, tok = hf.load(model_path)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None  # the starting policy, frozen
+    opt, sched = make_optimizer(model, cfg, cfg.steps)
+    start, cursor = 0, 0
+    last = out_dir / "last"
+    if cfg.resume and (last / "trainer_state").is_dir():  # exact resume: weights, optimizer, RNG, step, data cursor
+        model, tok = hf.load(str(last))
+        opt, sched = make_optimizer(model, cfg, cfg.steps)
+        state = checkpoint.load_state(last, opt, sched)
+        start, cursor = state["step"], state["cursor"]
+        console.print(f"[grpo] resumed from {last} at step {start}")
+    worker = make_worker(cfg.rollout, model, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
+    if start > 0:
+        worker.update_weights(model.named_parameters())
+    prompts = [render(cfg.template, r["prompt"], tok, **{k: v for k, v in r.items() if k != "prompt"}) for r in rows]
+    prompt_ids = tok(prompts, add_special_tokens=False).input_ids
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    sp = cfg.sampling
+    columns_keys = [k for k in rows[0] if k != "prompt"]
+    G, P = cfg.group_size, cfg.prompts_per_step
+    model.train()
+    with open(out_dir / "metrics.jsonl", "a" if start else "w") as log, progress(console) as bar:
+        task = bar.add_task("grpo", total=cfg.steps, completed=start, info="")
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            idx = [order[(cursor + i) % len(order)] for i in range(P)]
+            cursor += P
+            # 1. rollouts: G samples per prompt, grouped prompt-major
+            sampling = SamplingParams(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, max_tokens=sp.max_tokens,
+                                      stop=list(sp.stop), seed=cfg.seed * 1_000_003 + step)
+            comps = worker.generate([prompt_ids[i] for i in idx], G, sampling)
+            t_gen = time.perf_counter() - t0
+            # 2. rewards with the TRL signature; every dataset column travels along
+            src = [rows[idx[c.prompt_index]] for c in comps]
+            columns = {k: [r.get(k) for r in src] for k in columns_keys}
+            totals, per = reward_set([c.text for c in comps], [prompts[idx[c.prompt_index]] for c in comps],
+                                     completion_ids=[c.token_ids for c in comps], **columns)
+            rewards_t = torch.tensor(totals)
+            adv = algo.group_advantages(rewards_t, G, cfg.advantage_scale)
+            # 3. log-probs: reference (frozen) and old (for num_iterations > 1), then the clipped update(s)
+            batch = build_batch([prompt_ids[i] for i in idx], comps, tok.pad_token_id)
+            B = len(comps)
+            micro = [slice(s, min(s + cfg.micro_batch_size, B)) for s in range(0, B, cfg.micro_batch_size)]
+            with torch.no_grad():
+                ref_lp = torch.cat([policy_logprobs(ref, batch, m, sp.temperature)[0] for m in micro]) if ref is not None else None
+                old_lp = torch.cat([policy_logprobs(model, batch, m, sp.temperature)[0] for m in micro]) if cfg.num_iterations > 1 else None
+            agg: dict[str, float] = {}
+            for _ in range(cfg.num_iterations):
+                for k, v in backward_batch(model, batch, adv, old_lp, ref_lp, cfg).items():
+                    agg[k] = agg.get(k, 0.0) + v / cfg.num_iterations
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sched.step()
+            # 4. push the new weights to the sampler (a no-op for the native engine, which shares them)
+            worker.update_weights(model.named_parameters())
+            lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float)
+            std_per_group = rewards_t.view(-1, G).std(dim=1)
+            metrics = {"step": step + 1, "reward": rewards_t.mean().item(), "reward_std": std_per_group.mean().item(),
+                       "frac_reward_zero_std": (std_per_group < 1e-6).float().mean().item(),
+                       **reward_lib.RewardSet.metrics(per), **agg, "grad_norm": grad_norm.item(), "learning_rate": sched.get_last_lr()[0],
+                       "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+                       "completions/max_length": lengths.max().item(),
+                       "completions/clipped_ratio": sum(c.finish_reason == "length" for c in comps) / B,
+                       "time/generate": t_gen, "time/step": time.perf_counter() - t0}
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"grpo step {step + 1}: loss is {metrics['loss']}")
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            fmt = metrics.get("rewards/format/mean", float("nan"))
+            bar.update(task, advance=1, info=f"reward {metrics['reward']:.3f} format {fmt:.2f} len {metrics['completions/mean_length']:.0f}")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                checkpoint.save(last, model, tok, {"step": step + 1, "cursor": cursor}, opt, sched)
+    final = checkpoint.save(out_dir / "final", model, tok)
+    worker.sleep()
+    return final
