@@ -26,6 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from grpo.kernels.moe import moe_ffn  # sorted grouped-GEMM experts: Triton on CUDA, torch elsewhere
+from grpo.kernels.rmsnorm import rms_norm  # fp32-statistics RMSNorm: Triton on CUDA, torch elsewhere
+
 
 # ----------------------------------------------------------------------------------------------- config
 @dataclass
@@ -105,19 +108,6 @@ class DeepseekConfig:
 
 
 # ----------------------------------------------------------------------------------------------- norms
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight, statistics in fp32, as HF's DeepseekV3RMSNorm (cast back before the weight)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-try:  # the fused kernel from grpo/kernels when it is there (same maths, Triton on CUDA)
-    from grpo.kernels.rmsnorm import rms_norm
-except ImportError:
-    rms_norm = rms_norm_reference
-
-
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm with a learned scale."""
 
@@ -313,31 +303,6 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg:
     if cfg.norm_topk_prob:
         topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
     return topk_ids, topk_weights * cfg.routed_scaling_factor, scores
-
-
-def moe_ffn_reference(x, topk_ids, topk_weights, w_gate_up, w_down):
-    """Routed SwiGLU experts, tokens sorted by expert (one GEMM pair per expert, no per-token Python).
-    x [N,D], topk_ids/topk_weights [N,K], w_gate_up [E,2I,D], w_down [E,D,I] -> [N,D]."""
-    N, K = topk_ids.shape
-    flat = topk_ids.reshape(-1)
-    order = flat.argsort(stable=True)  # [N*K] slots grouped by expert
-    token = order // K
-    counts = torch.bincount(flat, minlength=w_gate_up.shape[0]).tolist()
-    xs = x[token]
-    outs, start = [], 0
-    for e, cnt in enumerate(counts):
-        if cnt:
-            gate, up = (xs[start:start + cnt] @ w_gate_up[e].t()).chunk(2, dim=-1)
-            outs.append((F.silu(gate) * up) @ w_down[e].t())
-        start += cnt
-    ys = torch.cat(outs) * topk_weights.reshape(-1)[order, None].to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token, ys)
-
-
-try:  # grpo/kernels' grouped MoE (Triton on CUDA, fast sorted torch path elsewhere) when it is there
-    from grpo.kernels.moe import moe_ffn
-except ImportError:
-    moe_ffn = moe_ffn_reference
 
 
 class Gate(nn.Module):
