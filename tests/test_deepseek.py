@@ -248,6 +248,8 @@ def test_mtp_loss_and_vllm_key_names(saved, tmp_path):
     model.train()
     out = model(x, labels=x)
     model.eval()
+    assert model.mtp[0].block.mlp.load.sum() == x.shape[0] * (x.shape[1] - 1) * cfg.num_experts_per_tok
+    model.update_expert_bias(0.0)  # reset the counters
     main = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
     assert out.mtp_loss is not None and out.mtp_loss > 0
     assert torch.allclose(out.loss, main + cfg.mtp_loss_weight * out.mtp_loss, atol=1e-5)

@@ -100,6 +100,10 @@ class DeepseekConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def to_dict(self) -> dict:
+        """As transformers' PretrainedConfig.to_dict (callers that log or copy a model's config)."""
+        return self.to_hf_dict()
+
     def to_hf_dict(self) -> dict:
         """config.json for transformers (model_type deepseek_v3) and vLLM (topk_method, scoring_func)."""
         d = dataclasses.asdict(self)
@@ -521,10 +525,14 @@ class DeepseekForCausalLM(nn.Module):
             x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
         else:
             x = layer(x, cos, sin, mask, cache)
+        self.count_load(layer)
+        return x
+
+    def count_load(self, layer):
+        """Add the tokens each routed expert of `layer` just received to its load counter (training only)."""
         if self.training and isinstance(layer.mlp, MoE):
             layer.mlp.load += torch.bincount(layer.mlp.last_topk_ids.flatten(),
                                              minlength=self.config.n_routed_experts).float()
-        return x
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 labels=None, logits_to_keep=0, **_) -> CausalLMOutput:
@@ -563,6 +571,7 @@ class DeepseekForCausalLM(nn.Module):
                 am = attention_mask[:, -S:][:, :S - k] if attention_mask is not None else None
                 m = attention_mask_3d(am, B, S - k, 0, x.device)
                 h_prev = module(emb, h_prev[:, :S - k], pos, cos[:, :S - k], sin[:, :S - k], m)
+                self.count_load(module.block)
                 mtp_losses.append(causal_lm_loss(self.lm_head(h_prev), labels[:, k:]))
             if mtp_losses:
                 out.mtp_loss = torch.stack(mtp_losses).mean()
