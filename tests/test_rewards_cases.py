@@ -86,6 +86,8 @@ ACCURACY = [
     (A("(1, 2)"), "(1,2)", 1.0, {}, "tuple/open interval"),
     (A("(2, 1)"), "(1,2)", 0.0, {}, "swapped pair"),
     (A("(1, 2, 3)"), "(1,2,3)", 1.0, {}, "triple"),
+    (A("(43,100]"), "(43, 100]", 1.0, {}, "interval with a 3-digit end is not a thousands separator"),
+    (A("(62,18)"), "(62, 18)", 1.0, {}, "pair with a decreasing order"),
     (A("\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}"), "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", 1.0, {}, "matrix"),
     (A("\\begin{pmatrix}1&2\\\\3&5\\end{pmatrix}"), "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", 0.0, {}, "matrix wrong"),
     # --- percentages, thousands, units, currency ---
