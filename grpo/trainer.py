@@ -30,19 +30,23 @@ from grpo.templates import render
 
 def build_batch(prompt_ids: list[list[int]], comps, pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompts + right-padded completions, so every completion starts at column Lp.
-    Returns input_ids/attention_mask/position_ids [B, Lp+Lc], completion_ids/completion_mask [B, Lc]."""
+    Returns input_ids/attention_mask/position_ids [B, Lp+Lc], completion_ids/completion_mask/behaviour_logprobs [B, Lc]."""
     Lp = max(len(prompt_ids[c.prompt_index]) for c in comps)
     Lc = max(1, max(len(c.token_ids) for c in comps))
     B = len(comps)
     ids = torch.full((B, Lp + Lc), pad_id, dtype=torch.long)
     attn = torch.zeros((B, Lp + Lc), dtype=torch.long)
+    behaviour = torch.zeros((B, Lc))
     for i, c in enumerate(comps):
         p = prompt_ids[c.prompt_index]
         ids[i, Lp - len(p): Lp] = torch.tensor(p)
         ids[i, Lp: Lp + len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
         attn[i, Lp - len(p): Lp + len(c.token_ids)] = 1
+        if c.logprobs:
+            behaviour[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
     return {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
-            "completion_ids": ids[:, Lp:], "completion_mask": attn[:, Lp:].float(), "prompt_len": Lp}
+            "completion_ids": ids[:, Lp:], "completion_mask": attn[:, Lp:].float(), "prompt_len": Lp,
+            "behaviour_logprobs": behaviour}
 
 
 def policy_logprobs(model, batch: dict, rows: slice, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +73,9 @@ def backward_batch(model, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: G
         (loss * share).backward()
         agg["loss"] += float(loss.detach() * share)
         w = float(mask[m].sum() / n_tok)  # token-weighted averages of the per-token metrics
-        for k, v in {**mets, "entropy": algo.masked_mean(ent, mask[m])}.items():
+        # sampler/trainer mismatch: |log p_trainer - log p_sampler| per token (0 for the native engine)
+        gap = algo.masked_mean((lp.detach() - batch["behaviour_logprobs"][m]).abs(), mask[m])
+        for k, v in {**mets, "entropy": algo.masked_mean(ent, mask[m]), "rollout/logprob_abs_diff": gap}.items():
             agg[k] = agg.get(k, 0.0) + float(v) * w
     return agg
 
@@ -113,6 +119,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             sampling = SamplingParams(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, max_tokens=sp.max_tokens,
                                       stop=list(sp.stop), seed=cfg.seed * 1_000_003 + step)
             comps = worker.generate([prompt_ids[i] for i in idx], G, sampling)
+            worker.sleep()  # colocated vLLM on GPU frees its memory for the update; no-op for native
             t_gen = time.perf_counter() - t0
             # 2. rewards with the TRL signature; every dataset column travels along
             src = [rows[idx[c.prompt_index]] for c in comps]
@@ -137,7 +144,10 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 opt.zero_grad(set_to_none=True)
             sched.step()
             # 4. push the new weights to the sampler (a no-op for the native engine, which shares them)
+            t_sync = time.perf_counter()
+            worker.wake()
             worker.update_weights(model.named_parameters())
+            t_sync = time.perf_counter() - t_sync
             lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float)
             std_per_group = rewards_t.view(-1, G).std(dim=1)
             metrics = {"step": step + 1, "reward": rewards_t.mean().item(), "reward_std": std_per_group.mean().item(),
@@ -146,7 +156,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                        "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
                        "completions/max_length": lengths.max().item(),
                        "completions/clipped_ratio": sum(c.finish_reason == "length" for c in comps) / B,
-                       "time/generate": t_gen, "time/step": time.perf_counter() - t0}
+                       "time/generate": t_gen, "time/weight_sync": t_sync, "time/step": time.perf_counter() - t0}
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"grpo step {step + 1}: loss is {metrics['loss']}")
             log.write(json.dumps(metrics) + "\n")
@@ -156,5 +166,6 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 checkpoint.save(last, model, tok, {"step": step + 1, "cursor": cursor}, opt, sched)
     final = checkpoint.save(out_dir / "final", model, tok)
-    worker.sleep()
+    if hasattr(worker, "close"):
+        worker.close()
     return final

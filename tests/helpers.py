@@ -11,7 +11,7 @@ from grpo.sft import join
 from grpo.templates import render
 
 
-def tiny_checkpoint(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+def tiny_checkpoint(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0, tie: bool = True) -> Path:
     """A randomly initialised tiny Llama (head_dim 32) plus a BPE tokenizer fitted to the arithmetic task."""
     rows = arithmetic_rows("train", 400, tagged_fraction=0.5)
     texts = []
@@ -21,7 +21,7 @@ def tiny_checkpoint(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0
     tok = train_bpe(texts, 512)
     init = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
             "num_attention_heads": hidden // 32, "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 256,
-            "tie_word_embeddings": True}
+            "tie_word_embeddings": tie}
     model = hf.build_from_config(init, len(tok), tok.pad_token_id, tok.eos_token_id, seed=seed)
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -41,6 +41,7 @@ def test_grpo_smoke_updates_weights_and_checkpoint_reloads(base, tmp_path):
         assert all(k in r for k in ("reward", "rewards/accuracy/mean", "rewards/format/mean", "kl", "entropy", "loss",
                                     "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio"))
         assert torch.isfinite(torch.tensor(r["loss"])) and r["kl"] >= 0
+        assert r["rollout/logprob_abs_diff"] < 1e-4  # the native sampler shares the trainer's weights
     before = AutoModelForCausalLM.from_pretrained(base)
     after = AutoModelForCausalLM.from_pretrained(final)
     changed = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)]

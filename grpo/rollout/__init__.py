@@ -13,5 +13,6 @@ def make_worker(kind: str, model, tokenizer, model_path: str, **kwargs) -> Rollo
     if kind == "vllm":
         from grpo.rollout.vllm import VLLMWorker
 
+        kwargs.setdefault("max_model_len", min(2048, getattr(model.config, "max_position_embeddings", 2048)))
         return VLLMWorker(model_path, **kwargs)
     raise ValueError(f"unknown rollout {kind!r} (native or vllm)")

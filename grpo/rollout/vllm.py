@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import torch
 
 from grpo.rollout.base import Completion, SamplingParams
+from grpo.rollout.common import fit_prompt, request_seed
 
 log = logging.getLogger(__name__)
 
@@ -143,19 +144,6 @@ def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, dtype:
         yield cur
 
 
-def fit_prompt(ids: list[int], max_tokens: int, max_model_len: int, truncate: str) -> list[int]:
-    """Make prompt + max_tokens fit the context window: raise (truncate="error") or keep the last tokens
-    (truncate="left"). Never a silent cut."""
-    room = max_model_len - max_tokens
-    if len(ids) <= room:
-        return list(ids)
-    if truncate == "left" and room > 0:
-        return list(ids[-room:])
-    raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the context window "
-                     f"max_model_len={max_model_len}; shorten the prompt, lower max_tokens, raise max_model_len, "
-                     "or set truncate='left'")
-
-
 def _reload(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """Worker-side: one in-place reload pass over the streamed weights (vLLM reprocesses each layer as it fills).
     Returns engine parameters missing from a layer that got its other weights: vLLM leaves those undefined, so the
@@ -177,8 +165,20 @@ def _reload(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     finally:
         del model.load_weights
     _repack_cpu_moe(model, loaded)
+    _reprocess_tied(model, loaded)
     parents = {n.rpartition(".")[0] for n in loaded}
     return sorted(n for n in expected - loaded if n.rpartition(".")[0] in parents)
+
+
+def _reprocess_tied(model, loaded: set[str]) -> None:
+    """A tied lm_head shares the embedding's tensor but gets no weight of its own in a reload, so vLLM never
+    reprocesses it: on CPU its prepacked GEMM copy keeps the old embedding. Reprocess such sharing modules."""
+    loaded_ids = {id(p) for n, p in model.named_parameters() if n in loaded}
+    for name, mod in model.named_modules():
+        w, qm = getattr(mod, "weight", None), getattr(mod, "quant_method", None)
+        if isinstance(w, torch.nn.Parameter) and id(w) in loaded_ids and f"{name}.weight" not in loaded and \
+                hasattr(qm, "process_weights_after_loading"):
+            qm.process_weights_after_loading(mod)
 
 
 def _repack_cpu_moe(model, loaded: set[str]) -> None:
@@ -288,13 +288,13 @@ class VLLMWorker:
             raise RuntimeError("VLLMWorker is asleep; call wake() before generate()")
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
-        """Sample n completions per prompt, prompt-major. Sample j of prompt i uses seed `sampling.seed + i*n + j`."""
+        """Sample n completions per prompt, prompt-major. Sample j of prompt i is seeded request_seed(seed, i) + j."""
         self._check_usable()
         prompts = [fit_prompt(p, sampling.max_tokens, self.max_model_len, self.truncate) for p in prompt_ids]
         if sampling.seed is None:
             params = self._params(sampling, n, None)
-        else:  # vLLM gives the children of an n-request seeds seed, seed+1, ...: offset each prompt by i*n
-            params = [self._params(sampling, n, sampling.seed + i * n) for i in range(len(prompts))]
+        else:  # vLLM seeds the n children of a request s, s+1, ...: s = request_seed(seed, i) keeps prompts apart
+            params = [self._params(sampling, n, request_seed(sampling.seed, i)) for i in range(len(prompts))]
         outs = self._run(prompts, params)
         comps = []
         for i, out in enumerate(outs):
