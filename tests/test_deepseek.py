@@ -93,11 +93,12 @@ def test_logits_match_transformers(saved):
     assert (no_bias - ours).abs().max() > 1e-2 and (no_group - ours).abs().max() > 1e-2
 
 
+@pytest.mark.filterwarnings("ignore:.*no MTP weights")
 def test_loads_hf_per_expert_checkpoints(tmp_path):
     """transformers writes per-expert keys and an fp32 router bias even for a bf16 model; r1kit loads it."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(num_nextn_predict_layers=1)  # transformers keeps the setting but drops MTP weights on save
     hf_cfg = DeepseekV3Config(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures",
                                                                                           "model_type")})
     torch.manual_seed(0)
@@ -109,7 +110,9 @@ def test_loads_hf_per_expert_checkpoints(tmp_path):
     hf.eval().save_pretrained(tmp_path / "fp32")
     keys = load_file(tmp_path / "fp32" / "model.safetensors").keys()
     assert "model.layers.1.mlp.experts.15.up_proj.weight" in keys and not any("gate_up_proj" in k for k in keys)
-    ours = DeepseekForCausalLM.from_pretrained(str(tmp_path / "fp32")).eval()
+    with pytest.warns(UserWarning, match="no MTP weights"):
+        ours = DeepseekForCausalLM.from_pretrained(str(tmp_path / "fp32")).eval()
+    assert len(ours.mtp) == 1
     x = torch.randint(0, 256, (2, 32))
     with torch.no_grad():
         assert (ours(x).logits - hf(x).logits).abs().max() <= 1e-4
@@ -121,9 +124,15 @@ def test_loads_hf_per_expert_checkpoints(tmp_path):
           for k, v in load_file(tmp_path / "fp32" / "model.safetensors").items()}
     save_file(sd, tmp_path / "bf16" / "model.safetensors")
     bias = sd["model.layers.1.mlp.gate.e_score_correction_bias"]
-    ours16 = DeepseekForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="no MTP weights"):
+        ours16 = DeepseekForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.bfloat16)
     assert ours16.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(ours16.model.layers[1].mlp.gate.e_score_correction_bias, bias)
+
+    for drop in ("model.layers.2.mlp.experts.3.down_proj.weight", "model.layers.0.self_attn.kv_b_proj.weight"):
+        save_file({k: v for k, v in sd.items() if k != drop}, tmp_path / "bf16" / "model.safetensors")
+        with pytest.raises(ValueError, match=drop.replace(".", r"\.")):
+            DeepseekForCausalLM.from_pretrained(str(tmp_path / "bf16"))
 
 
 def test_loads_hf_deepseek_v2_checkpoint(tmp_path):
@@ -322,3 +331,25 @@ def test_presets_build():
     vl = PRESETS["tiny_vllm"]()
     assert vl.kv_lora_rank + vl.qk_rope_head_dim == 576
     assert isinstance(MLACache().get_seq_length(), int)
+
+
+def test_native_sampler_on_r1kit_model():
+    """grpo/rollout/native.py drives this model as it drives transformers': left-padded prompts, the group
+    repeated with batch_select_indices, finished rows dropped, absorbed decode. Its behaviour log-probs equal a
+    teacher-forced forward over the same tokens."""
+    from grpo.data.tokenizer import train_bpe
+    from grpo.rollout import SamplingParams
+    from grpo.rollout.native import NativeWorker
+
+    tok = train_bpe([f"{a} + {b} = {a + b}" for a in range(30) for b in range(30)], 200)
+    model = randomize(DeepseekForCausalLM(tiny_cfg(vocab_size=len(tok))))
+    worker = NativeWorker(model, tok)
+    prompts = [tok("12 + 7 =").input_ids, tok("3 + 4").input_ids, tok("1").input_ids]
+    comps = worker.generate(prompts, 3, SamplingParams(max_tokens=24, seed=0))
+    assert [c.prompt_index for c in comps] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert len({tuple(c.token_ids) for c in comps}) > 3  # the group really samples different continuations
+    seqs = [prompts[c.prompt_index] + c.token_ids for c in comps]
+    scored = worker.score(seqs, [len(prompts[c.prompt_index]) for c in comps])
+    gap = max(abs(a - b) for c, s in zip(comps, scored) for a, b in zip(c.logprobs, s))
+    print(f"native sampler behaviour vs teacher-forced log-prob: max gap {gap:.2e}")
+    assert gap <= 1e-4

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -669,7 +670,8 @@ class DeepseekForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, **overrides) -> "DeepseekForCausalLM":
         """Load an HF-format DeepSeek-V2/V3 directory: per-expert or fused expert keys, an MTP layer
-        (model.layers.{N}.*) when num_nextn_predict_layers > 0, fp32 router bias. Strict about missing keys."""
+        (model.layers.{N}.*) when num_nextn_predict_layers > 0, fp32 router bias. Strict about missing keys, except
+        that absent MTP weights leave the MTP modules at their initialisation (with a warning)."""
         with open(os.path.join(path, "config.json")) as f:
             raw = json.load(f)
         cfg = DeepseekConfig.from_dict({**raw, **overrides})
@@ -699,12 +701,20 @@ class DeepseekForCausalLM(nn.Module):
             state[name] = t
         for prefix, ws in experts.items():  # per-expert -> fused [E,2I,D], [E,D,I]
             E = cfg.n_routed_experts
+            lacking = [f"{prefix}{e}.{w}.weight" for e in range(E) for w in ("gate_proj", "up_proj", "down_proj")
+                       if (e, w) not in ws]
+            if lacking:
+                raise ValueError(f"checkpoint {path} does not match: missing {lacking[:8]}")
             state[prefix + "gate_up_proj"] = torch.stack(
                 [torch.cat([ws[(e, "gate_proj")], ws[(e, "up_proj")]]) for e in range(E)])
             state[prefix + "down_proj"] = torch.stack([ws[(e, "down_proj")] for e in range(E)])
         if cfg.tie_word_embeddings:
             state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
         missing, unexpected = model.load_state_dict(state, strict=False)
+        if cfg.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
+            # e.g. written by transformers, which drops MTP layers: the config says MTP, the weights do not
+            warnings.warn(f"{path}: no MTP weights (model.layers.{N}.*); MTP modules start freshly initialised")
+            missing = [k for k in missing if not k.startswith("mtp.")]
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not match: missing {missing[:8]}, unexpected {unexpected[:8]}")
         return model.to(dtype)
