@@ -304,6 +304,8 @@ def test_gradient_checkpointing_and_balance_loss():
     assert a0 > 0 and torch.allclose(l0, l1, atol=1e-6) and torch.allclose(a0, a1)
     assert g0.keys() == g1.keys() and all(torch.allclose(g0[k], g1[k], atol=1e-6) for k in g0)
     assert g0["model.layers.1.mlp.gate.weight"].abs().sum() > 0
+    out = model(x)  # no labels (GRPO computes its own loss): the balance loss is still there to add
+    assert out.loss is None and torch.allclose(out.aux_loss, a0)
     loads = model.expert_load_stats()
     assert loads["moe/load_max_over_mean"] >= 1.0
 

@@ -554,12 +554,13 @@ class DeepseekForCausalLM(nn.Module):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(h[:, keep])
         out = CausalLMOutput(logits=logits, past_key_values=cache if use_cache else None)
+        aux = [l.mlp.aux_loss for l in self.model.layers if isinstance(l.mlp, MoE) and l.mlp.aux_loss is not None]
+        if aux:  # training with aux_loss_alpha > 0: a caller with its own loss (GRPO) adds out.aux_loss itself
+            out.aux_loss = torch.stack(aux).sum()
         if labels is None:
             return out
         out.loss = causal_lm_loss(logits, labels[:, keep] if logits_to_keep else labels)
-        aux = [l.mlp.aux_loss for l in self.model.layers if isinstance(l.mlp, MoE) and l.mlp.aux_loss is not None]
-        if aux:
-            out.aux_loss = torch.stack(aux).sum()
+        if out.aux_loss is not None:
             out.loss = out.loss + out.aux_loss
         if self.mtp:
             # depth k sees hidden h^{k-1}_i and token t_{i+k}; its logits at i predict t_{i+k+1}
@@ -585,14 +586,14 @@ class DeepseekForCausalLM(nn.Module):
 
     def expert_load_stats(self) -> dict[str, float]:
         """Load imbalance max/mean of routed-token counts since the last bias update, per MoE layer and overall."""
-        stats, worst = {}, []
+        stats, ratios = {}, []
         for i, m in enumerate(self.moe_layers()):
             if m.load.sum() > 0:
                 ratio = (m.load.max() / m.load.mean()).item()
                 stats[f"moe/load_max_over_mean/{i}"] = ratio
-                worst.append(ratio)
-        if worst:
-            stats["moe/load_max_over_mean"] = sum(worst) / len(worst)
+                ratios.append(ratio)
+        if ratios:  # the mean over MoE layers
+            stats["moe/load_max_over_mean"] = sum(ratios) / len(ratios)
         return stats
 
     @torch.no_grad()
