@@ -1,7 +1,8 @@
 """Benchmark: r1kit's `accuracy` against TRL's `trl.rewards.accuracy_reward` on the same 5,000 math completions.
 
-Completions are generated deterministically (seed 0) as GRPO would see them: 625 problems x 8 samples, answers
-right in many written forms, wrong, hedged, boxed or in <answer> tags. Both rewards score the same items in
+Completions are generated deterministically (seed 0) as GRPO would see them: 625 problems x 8 samples, a chain
+of thought of 40-300 words with some inline math, then an answer right in one of several written forms, wrong,
+hedged, or only inside the thought; boxed (80%) or in <answer> tags (20%). Both rewards score the same items in
 batches of 64, alternating batch by batch in one run, in this process's main thread (TRL's timeouts are on there). Prints completions/s
 for each, the share of items where they disagree with examples, and the speed ratio last.
 
@@ -70,8 +71,10 @@ def _completion(rng: random.Random, gold_forms: list[str], wrong: list[str]) -> 
         ans = f"{rng.choice(wrong)} \\text{{ or }} {gold_forms[0]}"
     else:  # right answer only inside the reasoning
         return f"<think>I get \\boxed{{{gold_forms[0]}}} maybe.</think> I am not sure."
-    think = "<think>" + " ".join(rng.choice(["Let", "us", "compute", "carefully", "then", "simplify"])
-                                 for _ in range(rng.randint(10, 60))) + "</think>"
+    words = ["Let", "us", "compute", "carefully", "then", "simplify", "the", "sum", "so", "we", "check", "again"]
+    steps = [rng.choice(words) if rng.random() < 0.85 else f"${rng.randint(1, 99)} + {rng.randint(1, 99)}$"
+             for _ in range(rng.randint(40, 300))]  # R1-style chains of thought: prose with inline math
+    think = "<think>" + " ".join(steps) + "</think>"
     if rng.random() < 0.8:
         return f"{think} The final answer is $\\boxed{{{ans}}}$."
     return f"{think} <answer>{ans}</answer>"

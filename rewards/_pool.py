@@ -4,7 +4,7 @@ Why not math-verify's own timeout: it uses SIGALRM, which only works in the main
 trainer threads, and it cannot interrupt C code. Why not multiprocessing.Pool: its workers cannot be killed
 per task, and daemonic processes (a multiprocessing.Pool worker) may not start children. So: one plain
 subprocess per trainer process (a zygote that has imported and warmed sympy) forks workers that speak JSON
-lines over sockets; a deadline measured here with select(); SIGKILL and a fresh fork (~10 ms) on expiry. No
+lines over sockets; a deadline measured here with poll(); SIGKILL and a fresh fork (~10 ms) on expiry. No
 signal is used in the caller, so the deadline holds in the main thread, worker threads, subprocesses, daemonic
 pool workers and every rank of a distributed run (each process gets its own pool, rebuilt after fork).
 """
@@ -176,7 +176,10 @@ class VerifyPool:
                 now = time.monotonic()
                 busy = [w.t0 + deadline - now for w in held if w.task is not None]
                 wait = max(0.0, min(busy)) if busy else 0.05
-                readable, _, _ = select.select([w.fd for w in held], [], [], wait)
+                poller = select.poll()  # poll, not select: a big trainer may hold fds above FD_SETSIZE
+                for w in held:
+                    poller.register(w.fd, select.POLLIN)
+                readable = {fd for fd, _ in poller.poll(wait * 1000)}
                 for k, w in enumerate(list(held)):
                     if w.fd in readable:
                         lines = w.read_lines()

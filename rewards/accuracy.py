@@ -19,7 +19,7 @@ from threading import Lock
 
 from rewards import _stats
 from rewards._pool import get_pool
-from rewards._text import completion_text, extract_answer, is_hedge, normalise_string
+from rewards._text import completion_text, extract_answer, is_hedge, normalise_string, strip_thousands
 from rewards.registry import register
 
 MODES = ("math", "numeric", "choice", "exact")
@@ -44,6 +44,17 @@ def _choice_letter(s: str, letters: str) -> tuple[str | None, str]:
     if len(found) == 1:
         return found.pop(), "ok"
     return None, "hedge" if found else "no_answer"
+
+
+_INT = re.compile(r"[-+]?\d+(?:\.0*)?", re.ASCII)
+
+
+def _as_int(s: str) -> int | None:
+    """The integer a plain integer literal names ("35", "1,000", "35.0", "$35$"), else None."""
+    s = strip_thousands(s.strip().strip("$").strip())
+    if len(s) > 40 or not _INT.fullmatch(s):
+        return None
+    return int(s.split(".")[0])
 
 
 def _local(mode: str, gold: str, pred: str, letters: str) -> tuple[float | None, str]:
@@ -87,8 +98,11 @@ def score_answers(golds: list, preds: list, modes: list[str], *, rel_tol: float 
             with _CACHE_LOCK:
                 hit = _CACHE.get(key) if not explain else None
                 same = _GOLD_OK.get(gold) and "".join(pred.split()) == "".join(gold.split())
+            ints = _as_int(gold), _as_int(pred)
             if same and not explain:  # the gold's own text, and the gold is known to parse: no sympy needed
                 out[i] = {"score": 1.0, "why": "ok"}
+            elif mode == "math" and None not in ints and not explain:  # two integers, the commonest case: exact
+                out[i] = {"score": float(ints[0] == ints[1]), "why": "ok" if ints[0] == ints[1] else "wrong"}
             elif hit is not None:
                 out[i] = dict(hit)
             else:

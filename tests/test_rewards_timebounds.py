@@ -43,9 +43,15 @@ def timed(pred: str, **kw):
     return scores, time.monotonic() - t0
 
 
+def _warm():
+    """Start this process's verification pool (once per process, like a trainer's first step)."""
+    assert rewards.get("accuracy")(["<answer>0.5</answer>"], None, answer=["\\frac{1}{2}"]) == [1.0]
+    assert get_pool().size >= 2
+
+
 @pytest.fixture(scope="module", autouse=True)
 def warm():
-    rewards.get("accuracy")(*batch("5")[:1], answer=["5", "7"])
+    _warm()
 
 
 @pytest.mark.parametrize("name", list(PATHOLOGICAL))
@@ -87,14 +93,10 @@ def _mp_task(pred):
     return timed(pred, max_answer_chars=None)
 
 
-def _mp_warm():
-    rewards.get("accuracy")(["<answer>1</answer>"], None, answer=["1"])
-
-
 def test_multiprocessing_pool():
     """multiprocessing.Pool workers are daemonic (they may not start multiprocessing children); each still
     gets its own verification pool and the deadline holds there."""
-    with mp.get_context("fork").Pool(2, initializer=_mp_warm) as pool:
+    with mp.get_context("fork").Pool(2, initializer=_warm) as pool:
         out = pool.map(_mp_task, list(PATHOLOGICAL.values()), chunksize=1)
     for scores, wall in out:
         assert scores == [0.0, 1.0]

@@ -18,7 +18,7 @@ def main() -> None:
     acc = Accelerator(cpu=True)
     assert acc.num_processes == 2, acc.num_processes
     accuracy = rewards.get("accuracy")
-    accuracy(["<answer>1</answer>"], None, answer=["1"])  # start this rank's verification pool
+    assert accuracy(["<answer>0.5</answer>"], None, answer=["\\frac{1}{2}"]) == [1.0]  # start this rank's pool
     walls, scores = [], []
     for k, p in enumerate(PATHOLOGICAL):
         p = p if acc.process_index == 0 else p.replace("9", "8")  # ranks differ
