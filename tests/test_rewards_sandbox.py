@@ -234,3 +234,21 @@ def test_pool_runs_512_programs_within_core_count(monkeypatch):
     serial = sum(r.wall_s for r in res)
     print(f"512 programs: wall {wall:.1f}s, serial sum {serial:.1f}s, peak concurrency {peak[0]}")
     assert wall < serial  # they did overlap
+
+
+def test_fresh_directory_each_run():
+    run_tests("open('left_behind.txt', 'w').write('x')\nprint(1)", [{"stdin": ""}])
+    r = run_tests("import os\nprint(sorted(os.listdir('.')))", [{"stdin": ""}])
+    assert "left_behind.txt" not in r.outputs[0] and "main.py" in r.outputs[0]
+
+
+def test_cpu_time_and_open_file_limits():
+    lim = Limits(cpu_s=1, wall_s=30.0, test_timeout_s=25.0, open_files=16)
+    t0 = time.monotonic()
+    r = run_tests("x = 0\nwhile True:\n    x += 1", [{"stdin": ""}], limits=lim)
+    assert r.outputs[0] == "" and not r.timed_out  # ended by RLIMIT_CPU, long before the 25 s timer
+    assert time.monotonic() - t0 < 20
+    code = ("fs = []\ntry:\n    for i in range(100):\n        fs.append(open(f'f{i}', 'w'))\n"
+            "except OSError:\n    pass\nprint(len(fs))")
+    opened = int(run_tests(code, [{"stdin": ""}], limits=lim).outputs[0])
+    assert 0 < opened < 16
