@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from grpo.kernels.logprob import fused_logprob, logprob_reference
-from grpo.kernels.moe import align_blocks, moe_ffn, moe_ffn_triton
+from grpo.kernels.moe import _gmm_usable, align_blocks, moe_ffn, moe_ffn_triton
 from grpo.kernels.rmsnorm import rms_norm, rms_norm_reference
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -47,9 +47,11 @@ def _assert_close(got, want, atol, rtol):
 # ------------------------------------------------------------------ MoE
 
 
-@pytest.mark.parametrize("T,H,E,K,I,seed", [(37, 40, 5, 2, 20, 0), (53, 24, 7, 3, 36, 1)])
-def test_moe_torch_matches_reference(T, H, E, K, I, seed):
+@pytest.mark.parametrize("T,H,E,K,I,seed,gmm", [(37, 40, 5, 2, 20, 0, True), (53, 25, 7, 3, 19, 1, False)])
+def test_moe_torch_matches_reference(T, H, E, K, I, seed, gmm):
+    """Both grouped-GEMM engines: torch._grouped_mm (16-byte aligned rows) and the per-expert mm loop."""
     inputs = _moe_inputs(T, H, E, K, I, seed)
+    assert _gmm_usable(inputs[0], inputs[3]) == (gmm and hasattr(torch, "_grouped_mm"))
     ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, [0, 2, 3, 4])
     got = _fwd_bwd(lambda *a: moe_ffn(*a, impl="torch"), inputs, [0, 2, 3, 4])
     _assert_close(got[0] + got[1], ref[0] + ref[1], atol=1e-4, rtol=1e-4)

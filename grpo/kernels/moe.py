@@ -56,22 +56,49 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
     return order, counts, offsets
 
 
-def _unsort_sum(rows_sorted: torch.Tensor, order: torch.Tensor, T: int, K: int) -> torch.Tensor:
-    """rows_sorted[S, H] in expert order -> sum over each token's K slots, [T, H]. index_copy + a dense sum is
-    deterministic and far faster on CPU than index_add_ (which lowers to a serial scatter_add)."""
-    flat = torch.empty_like(rows_sorted).index_copy_(0, order, rows_sorted)  # [S, H] in (token, slot) order
-    return flat.view(T, K, -1).sum(1)  # 'tkh->th'
+# ----------------------------------------------------------------------------------------------------------------
+# fast torch path: one autograd.Function over sorted rows; grouped GEMMs via torch._grouped_mm or a per-expert loop
+# ----------------------------------------------------------------------------------------------------------------
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# fast torch path: one autograd.Function, sorted contiguous per-expert GEMMs in forward and backward
-# ----------------------------------------------------------------------------------------------------------------
+def _gmm_usable(*ts) -> bool:
+    """torch._grouped_mm wants fp32/bf16 and 16-byte aligned pointers and strides; else we loop over experts."""
+    if not hasattr(torch, "_grouped_mm") or ts[0].dtype not in (torch.float32, torch.bfloat16):
+        return False
+    for t in ts:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(st != 1 and st * size % 16 for st in t.stride()):
+            return False
+    return True
+
+
+def grouped_mm(a, b, offsets, bounds):
+    """Per-expert GEMMs over sorted row groups (offsets[E+1] tensor, bounds the same as a list):
+    b 3-D: 'sk,ekn->sn' (each row group times its expert's matrix); b 2-D: 'ks,sn->ekn' (a[:, group] @ b[group])."""
+    if _gmm_usable(a, b):
+        try:
+            return torch._grouped_mm(a, b, offs=offsets[1:].to(torch.int32))
+        except (RuntimeError, NotImplementedError):  # e.g. a CUDA arch or dtype grouped_mm lacks
+            pass
+    E = len(bounds) - 1
+    if b.dim() == 3:
+        out = torch.empty(a.shape[0], b.shape[2], dtype=a.dtype, device=a.device)
+        for e in range(E):
+            if bounds[e + 1] > bounds[e]:
+                torch.mm(a[bounds[e] : bounds[e + 1]], b[e], out=out[bounds[e] : bounds[e + 1]])
+        return out
+    out = torch.zeros(E, a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    for e in range(E):
+        if bounds[e + 1] > bounds[e]:
+            torch.mm(a[:, bounds[e] : bounds[e + 1]], b[bounds[e] : bounds[e + 1]], out=out[e])
+    return out
 
 
 class _SortedMoE(torch.autograd.Function):
-    """Forward saves only the [S, 2I] gate/up pre-activations (plus routing); backward re-gathers each expert's
-    rows and runs four GEMMs per expert. Gathers, SwiGLU and the weighted scatter-add happen per expert on
-    cache-sized blocks; the only [S, H] buffers are the sorted outputs that one index_copy + sum scatters back."""
+    """Saves only the [S, 2I] gate/up pre-activations and the routing; backward re-gathers x and runs the four
+    grouped GEMMs on the sorted rows (da, dW_down, dW_gate_up, dx) with SwiGLU's backward in between. Rows go back
+    to their (token, slot) place with one index_copy, then a dense sum over K: deterministic, and far faster on
+    CPU than the serial scatter-add that index_add_ / autograd's index backward use."""
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_gate_up, w_down):
@@ -81,62 +108,47 @@ class _SortedMoE(torch.autograd.Function):
         I = I2 // 2
         acc = torch.promote_types(x.dtype, torch.float32)  # routing weights and scatter-back in >= fp32
         order, counts, offsets = sort_by_expert(topk_ids, E)
-        tok = order // K  # [S] token of each sorted row
-        ws = topk_weights.reshape(-1)[order].to(acc)  # [S] routing weight of each sorted row
-        h = torch.empty(order.numel(), I2, dtype=x.dtype, device=x.device)  # [S, 2I] gate|up pre-activations
-        y = torch.empty(order.numel(), H, dtype=acc, device=x.device)  # [S, H] weighted expert outputs
         bounds = offsets.tolist()
-        for e in range(E):
-            s, t = bounds[e], bounds[e + 1]
-            if s == t:
-                continue
-            he = torch.mm(x.index_select(0, tok[s:t]), w_gate_up[e].t(), out=h[s:t])  # 'nh,ih->ni'
-            a = F.silu(he[:, :I]) * he[:, I:]  # [n, I]
-            torch.mul(torch.mm(a, w_down[e].t()), ws[s:t, None], out=y[s:t])  # 'ni,hi->nh', weighted
-        ctx.save_for_backward(x, topk_weights, w_gate_up, w_down, order, h, ws)
+        tok = order // K  # [S] token of each sorted row
+        ws = topk_weights.reshape(-1)[order].to(acc)[:, None]  # [S, 1] routing weight of each sorted row
+        h = grouped_mm(x.index_select(0, tok), w_gate_up.transpose(1, 2), offsets, bounds)  # [S, 2I] 'sh,eih->si'
+        a = F.silu(h[:, :I]).mul_(h[:, I:])  # [S, I]
+        y = grouped_mm(a, w_down.transpose(1, 2), offsets, bounds)  # [S, H] 'si,ehi->sh'
+        y = y.mul_(ws) if y.dtype == acc else y * ws
+        out = torch.empty_like(y).index_copy_(0, order, y).view(T, K, H).sum(1)  # 'tkh->th' scatter-back
+        ctx.save_for_backward(x, topk_weights, w_gate_up, w_down, order, offsets, h, ws)
         ctx.bounds, ctx.K = bounds, K
-        return _unsort_sum(y, order, T, K).to(x.dtype)  # scatter-back
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, topk_weights, w_gate_up, w_down, order, h, ws = ctx.saved_tensors
+        x, topk_weights, w_gate_up, w_down, order, offsets, h, ws = ctx.saved_tensors
         bounds, K = ctx.bounds, ctx.K
         T, H = x.shape
-        E, I2, _ = w_gate_up.shape
-        I = I2 // 2
+        I = h.shape[1] // 2
         tok = order // K
         dt, acc = x.dtype, ws.dtype
-        grad_out = grad_out.to(dt).contiguous()
-        dxs = torch.empty(order.numel(), H, dtype=dt, device=x.device)  # [S, H] d x of each sorted row
-        dws = torch.empty_like(ws)  # [S]
-        dwgu = torch.empty_like(w_gate_up)  # [E, 2I, H]
-        dwd = torch.empty_like(w_down)  # [E, H, I]
-        for e in range(E):
-            s, t = bounds[e], bounds[e + 1]
-            if s == t:  # expert got no tokens: zero grads
-                dwgu[e].zero_()
-                dwd[e].zero_()
-                continue
-            te = tok[s:t]
-            ge = grad_out.index_select(0, te)  # [n, H] upstream grad of this expert's rows (unweighted)
-            gate, up = h[s:t, :I].to(acc), h[s:t, I:].to(acc)  # [n, I]
-            sg = torch.sigmoid(gate)
-            act = gate * sg  # silu(gate)
-            a = act * up  # [n, I] expert hidden, recomputed from the saved pre-activations
-            we = ws[s:t, None]  # [n, 1]
-            da = torch.mm(ge, w_down[e]).to(acc)  # 'nh,hi->ni', unweighted
-            dws[s:t] = (da * a).sum(-1)  # d out / d weight = <grad, y_e> = <grad @ W_down, a>
-            torch.mm(ge.t(), (a * we).to(dt), out=dwd[e])  # 'nh,ni->hi'
-            da *= we
-            dhe = torch.cat([da * up * sg * (1.0 + gate * (1.0 - sg)), da * act], dim=1).to(dt)  # [n, 2I] d gate|up
-            torch.mm(dhe.t(), x.index_select(0, te), out=dwgu[e])  # 'ni,nh->ih'
-            torch.mm(dhe, w_gate_up[e], out=dxs[s:t])  # 'ni,ih->nh'
+        gs = grad_out.to(dt).index_select(0, tok)  # [S, H] upstream grad of each sorted row (unweighted)
+        da = grouped_mm(gs, w_down, offsets, bounds).to(acc)  # [S, I] 'sh,ehi->si'
+        gate, up = h[:, :I].to(acc), h[:, I:].to(acc)
+        act = F.silu(gate)
+        a = act * up  # [S, I] expert hidden, recomputed from the saved pre-activations
+        dws = torch.linalg.vecdot(da, a)  # [S] d out / d weight = <grad, y_e> = <grad @ W_down, a>
+        dwd = grouped_mm(gs.t(), a.mul_(ws).to(dt), offsets, bounds)  # [E, H, I] 'hs,si->ehi'
+        da.mul_(ws)
+        dh = torch.empty(h.shape, dtype=acc, device=h.device)  # [S, 2I] d gate | d up
+        torch.ops.aten.silu_backward.grad_input(da * up, gate, grad_input=dh[:, :I])
+        torch.mul(da, act, out=dh[:, I:])
+        dh = dh.to(dt)
+        dwgu = grouped_mm(dh.t(), x.index_select(0, tok), offsets, bounds)  # [E, 2I, H] 'is,sh->eih'
+        dxs = grouped_mm(dh, w_gate_up, offsets, bounds)  # [S, H] 'si,eih->sh'
+        dx = torch.empty_like(dxs).index_copy_(0, order, dxs).view(T, K, H).sum(1)
         dtw = torch.empty_like(dws).index_copy_(0, order, dws).view(T, K).to(topk_weights.dtype)
-        return _unsort_sum(dxs, order, T, K), None, dtw, dwgu, dwd
+        return dx, None, dtw, dwgu, dwd
 
 
 def moe_ffn_torch(x, topk_ids, topk_weights, w_gate_up, w_down):
-    """Sorted torch path: grouped per-expert GEMMs on contiguous rows, custom backward (any device)."""
+    """Sorted torch path: grouped GEMMs on expert-contiguous rows, custom backward (any device)."""
     return _SortedMoE.apply(x, topk_ids, topk_weights, w_gate_up, w_down)
 
 

@@ -1,0 +1,161 @@
+"""MoE layer forward+backward: r1kit's moe_ffn vs transformers' DeepseekV3MoE, same weights and inputs, one run.
+
+Shape (issue 4): E=64 routed experts, top-6, hidden 512, moe_intermediate 256, 2 shared experts, 4096 tokens.
+Every variant runs the whole DeepseekV3MoE block (router + routed experts + shared experts); only the routed
+experts differ: transformers' `eager` backend (its default), its `grouped_mm` backend, and r1kit's moe_ffn
+(the sorted torch path on CPU, Triton on a GPU). GFLOP/s counts the block's matmul FLOPs (forward x3 for
+forward+backward) against the machine's matmul peak measured here first. The last line is r1kit's speed-up over
+the faster transformers backend.
+
+    python bench/moe.py [--tokens 4096] [--repeats 3] [--no-bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from grpo.kernels.moe import moe_ffn  # noqa: E402
+
+
+def matmul_peak(dtype, device, n=2048, reps=6):
+    """Best GFLOP/s of a square-ish GEMM ([4096, n] @ [n, n]) in this dtype: the roofline the MoE is held to."""
+    a = torch.randn(4096, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4096 * n * n / best / 1e9
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_moe(tokens, device, seed=0):
+    """transformers DeepseekV3MoE at the issue's shape, weights ~ N(0, 0.02), router included."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    cfg = DeepseekV3Config(hidden_size=512, moe_intermediate_size=256, n_routed_experts=64, num_experts_per_tok=6,
+                           n_shared_experts=2, n_group=8, topk_group=4, norm_topk_prob=True,
+                           routed_scaling_factor=2.5)
+    torch.manual_seed(seed)
+    moe = DeepseekV3MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.02)
+        moe.gate.e_score_correction_bias.normal_(0.0, 0.01)
+    x = torch.randn(tokens, cfg.hidden_size)
+    cot = torch.randn(tokens, cfg.hidden_size)
+    return cfg, moe.to(device), x.to(device), cot.to(device)
+
+
+def r1kit_forward(moe, x):
+    """The same block with its routed experts computed by r1kit's moe_ffn (what grpo/models calls)."""
+    _, topk_weights, topk_ids = moe.gate(x)
+    routed = moe_ffn(x, topk_ids, topk_weights, moe.experts.gate_up_proj, moe.experts.down_proj)
+    return routed + moe.shared_experts(x)
+
+
+def block_flops(cfg, tokens):
+    """Matmul FLOPs of one forward+backward of the block (backward = 2x forward)."""
+    H, I, K, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok, cfg.n_routed_experts
+    routed = tokens * K * 2 * (H * 2 * I + I * H)
+    shared = tokens * 2 * (H * 2 * I * cfg.n_shared_experts + I * cfg.n_shared_experts * H)
+    router = tokens * 2 * H * E
+    return 3 * (routed + shared + router)
+
+
+def time_fwd_bwd(fn, moe, x, cot, repeats):
+    """Median wall time of forward + backward (grads reset each time); returns (seconds, out, grads)."""
+    times = []
+    for i in range(repeats + 1):
+        for p in moe.parameters():
+            p.grad = None
+        xr = x.detach().clone().requires_grad_()
+        _sync(x.device)
+        t0 = time.perf_counter()
+        out = fn(moe, xr)
+        out.backward(cot)
+        _sync(x.device)
+        if i > 0:  # first run is warm-up
+            times.append(time.perf_counter() - t0)
+    grads = [xr.grad] + [p.grad for p in (moe.experts.gate_up_proj, moe.experts.down_proj, moe.gate.weight)]
+    return statistics.median(times), out.detach(), grads
+
+
+def hf_forward(moe, x):
+    return moe(x)
+
+
+def max_rel_diff(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-bf16", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}")
+    peak32 = matmul_peak(torch.float32, device)
+    peak16 = matmul_peak(torch.bfloat16, device)
+    print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
+    cfg, moe, x, cot = build_moe(args.tokens, device)
+    flops = block_flops(cfg, args.tokens)
+    print(f"block: T={args.tokens} E=64 top-6 H=512 I=256 shared=2; {flops / 1e9:.1f} GFLOP per forward+backward")
+
+    rows = {}
+    for impl in ("eager", "grouped_mm"):
+        moe.config._experts_implementation = impl
+        moe.experts.config._experts_implementation = impl
+        rows[f"transformers {impl}"] = time_fwd_bwd(hf_forward, moe, x, cot, args.repeats)
+    path = "triton" if device.type == "cuda" else "torch"
+    rows[f"r1kit moe_ffn ({path})"] = time_fwd_bwd(r1kit_forward, moe, x, cot, args.repeats)
+    ref_out, ref_grads = rows["transformers eager"][1:]
+    print(f"{'variant (fp32)':34s} {'fwd+bwd s':>10s} {'GFLOP/s':>8s} {'% peak':>7s}  max rel diff vs eager (out, grads)")
+    for k, (t, out, grads) in rows.items():
+        diffs = [max_rel_diff(out, ref_out)] + [max_rel_diff(g, r) for g, r in zip(grads, ref_grads)]
+        print(f"{k:34s} {t:10.3f} {flops / t / 1e9:8.1f} {100 * flops / t / 1e9 / peak32:6.1f}%  "
+              + " ".join(f"{d:.1e}" for d in diffs))
+        assert max(diffs) < 1e-3, f"{k} disagrees with transformers eager"
+
+    if not args.no_bf16:
+        moe16 = copy.deepcopy(moe).bfloat16()
+        x16, cot16 = x.bfloat16(), cot.bfloat16()
+        moe16.config._experts_implementation = "grouped_mm"
+        moe16.experts.config._experts_implementation = "grouped_mm"
+        t_hf16, out_hf16, _ = time_fwd_bwd(hf_forward, moe16, x16, cot16, args.repeats)
+        t_r16, out_r16, _ = time_fwd_bwd(r1kit_forward, moe16, x16, cot16, args.repeats)
+        print(f"{'variant (bf16)':34s} {'fwd+bwd s':>10s} {'GFLOP/s':>8s} {'% peak':>7s}  max rel diff vs fp32 eager (out)")
+        for k, t, out in (("transformers grouped_mm", t_hf16, out_hf16), (f"r1kit moe_ffn ({path})", t_r16, out_r16)):
+            print(f"{k:34s} {t:10.3f} {flops / t / 1e9:8.1f} {100 * flops / t / 1e9 / peak16:6.1f}%  "
+                  f"{max_rel_diff(out, ref_out):.1e}")
+        print(f"bf16: r1kit is {t_hf16 / t_r16:.2f}x transformers grouped_mm")
+
+    t_r = rows[f"r1kit moe_ffn ({path})"][0]
+    t_eager, t_gmm = rows["transformers eager"][0], rows["transformers grouped_mm"][0]
+    print(f"r1kit vs transformers eager: {t_eager / t_r:.2f}x")
+    best = "grouped_mm" if t_gmm < t_eager else "eager"
+    print(f"r1kit vs fastest transformers backend ({best}, fp32): {min(t_eager, t_gmm) / t_r:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
