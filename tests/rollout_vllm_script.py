@@ -16,6 +16,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import torch  # noqa: E402
 
+torch.set_num_threads(1)  # tiny models: a second thread only adds waiting on a shared machine
+
 from grpo.rollout.base import SamplingParams  # noqa: E402
 
 PROMPTS = ["<think> one plus two", "answer: 12 + 7 =", "so we get first then", "<think> the cat and dog"]

@@ -1,7 +1,13 @@
 """Native torch sampler: batched decoding with a KV cache over the trainer's own model (zero-copy weights).
 
-Prompts are left-padded and prefilled once; the cache is then repeated n times for the group, and rows that
-finish (EOS or a stop string) are dropped from the batch so they stop costing compute.
+Prompts are length-bucketed into chunks of at most `max_batch_size` rows, left-padded and prefilled once; each
+prompt's cache rows are then repeated n times for the group. Decoding writes keys/values into preallocated buffers
+(transformers models) instead of re-concatenating the cache every step, and finished rows (EOS, a stop string)
+are compacted out of the batch once a quarter of it is done, so they stop costing compute. Finished slots are not
+refilled with new prompts mid-flight (no full continuous batching); the next length bucket starts afterwards.
+
+Sampling draws Gumbel noise from a counter-based SplitMix64 stream keyed by (request seed, step, token), so sample
+j of prompt i (seed `request_seed(sampling.seed, i*n + j)`) is the same whatever it was batched with.
 """
 
 from __future__ import annotations
@@ -9,16 +15,47 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from grpo.rollout.base import Completion, SamplingParams
+from grpo.rollout.common import fit_prompt, request_seed
+
+_GOLDEN, _M1, _M2 = (0x9E3779B97F4A7C15 - 2**64, 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64)
 
 
-def sample_next(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] -> (token [B], behaviour logprob [B] under softmax(logits / T), before top-k/top-p)."""
+def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser on int64 tensors (multiplication wraps mod 2^64)."""
+    x = (x ^ _srl(x, 30)) * _M1
+    x = (x ^ _srl(x, 27)) * _M2
+    return x ^ _srl(x, 31)
+
+
+def uniform_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """keys [B] int64 -> U(0,1) [B, V] float32 (24 random bits): element v of step s is SplitMix64 output number
+    s*V+v of the key. Tokens below ~4e-8 probability can't be drawn (Gumbel noise caps at ~17.3)."""
+    counter = step * vocab + torch.arange(vocab, device=keys.device)
+    x = _mix64(keys[:, None] + (counter[None, :] + 1) * _GOLDEN)
+    return (_srl(x, 40).float() + 0.5) * 2.0**-24
+
+
+def sample_next(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (token [B], behaviour logprob [B] under softmax(logits / T), before top-k/top-p).
+    Temperature 0 is greedy (log-probs then at T=1, as vLLM reports them). `noise` (U(0,1) [B, V]) samples by
+    Gumbel-max; without it torch.multinomial draws from `generator`."""
+    if sampling.temperature <= 0:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        tok = logits.argmax(-1)
+        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
     scaled = logits.float() / sampling.temperature
     logp = torch.log_softmax(scaled, dim=-1)  # [B, V]
     filt = scaled
-    if sampling.top_k is not None and sampling.top_k > 0 and sampling.top_k < filt.shape[-1]:
+    if sampling.top_k is not None and 0 < sampling.top_k < filt.shape[-1]:
         kth = torch.topk(filt, sampling.top_k, dim=-1).values[:, -1:]  # [B, 1]
         filt = filt.masked_fill(filt < kth, float("-inf"))
     if sampling.top_p < 1.0:
@@ -26,17 +63,78 @@ def sample_next(logits: torch.Tensor, sampling: SamplingParams, generator: torch
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = probs.cumsum(-1) - probs > sampling.top_p  # keep the smallest prefix whose mass reaches top_p
         filt = filt.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    tok = torch.multinomial(torch.softmax(filt, dim=-1), 1, generator=generator).squeeze(-1)  # [B]
+    if noise is not None:
+        tok = (filt - torch.log(-torch.log(noise))).argmax(-1)  # Gumbel-max: exact softmax(filt) draw
+    else:
+        tok = torch.multinomial(torch.softmax(filt, dim=-1), 1, generator=generator).squeeze(-1)  # [B]
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+class BufferLayer(DynamicLayer):
+    """transformers cache layer that writes keys/values into a preallocated [B, H, capacity, D] buffer (doubling
+    when full) and returns views, instead of DynamicLayer's O(T) torch.cat on every decoding step."""
+
+    def __init__(self, capacity: int = 256, rows: torch.Tensor | None = None):
+        super().__init__()
+        self.capacity, self.rows, self.length = capacity, rows, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:  # prefill: store row r as prompt rows[r] (the group's n copies), no extra copy
+            self.lazy_initialization(key_states, value_states)
+            B, H, S, D = key_states.shape
+            rows = self.rows if self.rows is not None else torch.arange(B, device=key_states.device)
+            self.kbuf = key_states.new_empty(len(rows), H, max(self.capacity, S), D)
+            self.vbuf = value_states.new_empty(len(rows), H, max(self.capacity, S), value_states.shape[-1])
+            self.kbuf[:, :, :S] = key_states[rows]
+            self.vbuf[:, :, :S] = value_states[rows]
+            self.length = S
+            self.keys, self.values = self.kbuf[:, :, :S], self.vbuf[:, :, :S]
+            return key_states, value_states
+        end = self.length + key_states.shape[-2]
+        if end > self.kbuf.shape[-2]:
+            grow = max(end, 2 * self.kbuf.shape[-2]) - self.kbuf.shape[-2]
+            self.kbuf = torch.cat([self.kbuf, self.kbuf.new_empty(*self.kbuf.shape[:2], grow, self.kbuf.shape[-1])], 2)
+            self.vbuf = torch.cat([self.vbuf, self.vbuf.new_empty(*self.vbuf.shape[:2], grow, self.vbuf.shape[-1])], 2)
+        self.kbuf[:, :, self.length:end] = key_states
+        self.vbuf[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+            self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.batch_select_indices(torch.arange(self.kbuf.shape[0], device=self.kbuf.device).repeat_interleave(repeats))
+
+
+def _make_cache(model, capacity: int, rows: torch.Tensor):
+    """A buffered cache for transformers models with full attention in every layer; None lets the model build its
+    own (sliding-window/hybrid models, r1kit's MLA model with its latent cache)."""
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    types = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return None
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = lambda: BufferLayer(capacity, rows)
+    return cache
 
 
 class NativeWorker:
     """RolloutWorker over a live transformers-style causal LM; `update_weights` is a no-op because the
     sampler and the trainer share the same parameters."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 256):
-        self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
+    def __init__(self, model, tokenizer, max_batch_size: int = 256, truncate: str = "error"):
+        self.model, self.tokenizer, self.max_batch_size, self.truncate = model, tokenizer, max_batch_size, truncate
         self.eos_ids = set(_eos_ids(model, tokenizer))
+        cfg = getattr(model, "config", None)
+        self.max_model_len = getattr(cfg, "max_position_embeddings", None) or 10**9
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] = ()) -> None:
         """Nothing to copy: generation reads the policy's own parameters."""
@@ -48,69 +146,103 @@ class NativeWorker:
         """No separate memory to restore."""
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
-        """len(prompt_ids) * n completions, prompt-major."""
-        gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    def score(self, sequences: list[list[int]], starts: list[int], temperature: float = 1.0) -> list[list[float]]:
+        """Teacher-forced log_softmax(logits / T) of seq[j] for j >= start, one right-padded forward per call."""
+        device = next(self.model.parameters()).device
+        L = max(map(len, sequences))
+        ids = torch.zeros((len(sequences), L), dtype=torch.long, device=device)
+        attn = torch.zeros_like(ids)
+        for i, s in enumerate(sequences):
+            ids[i, :len(s)], attn[i, :len(s)] = torch.tensor(s, device=device), 1
         was_training = self.model.training
         self.model.eval()
         try:
-            out: list[Completion] = []
-            per_chunk = max(1, self.max_batch_size // n)
-            for start in range(0, len(prompt_ids), per_chunk):
-                out += self._generate_chunk(prompt_ids[start:start + per_chunk], start, n, sampling, gen)
-            return out
+            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=attn).logits.float() / temperature, -1)
+        finally:
+            self.model.train(was_training)
+        return [[logp[i, j - 1, s[j]].item() for j in range(max(start, 1), len(s))]
+                for i, (s, start) in enumerate(zip(sequences, starts))]
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
+        """len(prompt_ids) * n completions, prompt-major; prompts run in length buckets of <= max_batch_size rows."""
+        prompts = [fit_prompt(p, sampling.max_tokens, self.max_model_len, self.truncate) for p in prompt_ids]
+        base = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        per_chunk = max(1, self.max_batch_size // n)
+        was_training = self.model.training
+        self.model.eval()
+        out: list[Completion | None] = [None] * (len(prompts) * n)
+        try:
+            for start in range(0, len(order), per_chunk):
+                idx = order[start:start + per_chunk]
+                seeds = torch.tensor([request_seed(base, i * n + j) for i in idx for j in range(n)])
+                comps = self._generate_chunk([prompts[i] for i in idx], n, sampling, seeds)
+                for k, c in enumerate(comps):
+                    c.prompt_index = idx[k // n]
+                    out[c.prompt_index * n + k % n] = c
+            return out  # type: ignore[return-value]
         finally:
             self.model.train(was_training)
 
-    def _generate_chunk(self, prompts, offset, n, sampling, gen) -> list[Completion]:
+    def _generate_chunk(self, prompts, n, sampling, seeds) -> list[Completion]:
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        P, L = len(prompts), max(len(p) for p in prompts)
+        P, L, T = len(prompts), max(len(p) for p in prompts), sampling.max_tokens
         ids = torch.full((P, L), pad, dtype=torch.long, device=device)
         attn = torch.zeros((P, L), dtype=torch.long, device=device)
         for i, p in enumerate(prompts):  # left padding
             ids[i, L - len(p):] = torch.tensor(p, device=device)
             attn[i, L - len(p):] = 1
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # [P*n, V]
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-        attn = attn.repeat_interleave(n, dim=0)
-        next_pos = pos[:, -1:].repeat_interleave(n, dim=0) + 1  # [B, 1]
         B = P * n
-        rows = torch.arange(B, device=device)  # batch row -> request index
-        toks: list[list[int]] = [[] for _ in range(B)]
-        lps: list[list[float]] = [[] for _ in range(B)]
+        rep = torch.arange(P, device=device).repeat_interleave(n)  # batch row -> prompt
+        cache = _make_cache(self.model, L + T, rep)  # buffered layers expand to the n copies while prefilling
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        if cache is None:
+            cache = out.past_key_values
+            if n > 1:
+                cache.batch_select_indices(rep)
+        logits = out.logits[:, -1][rep]  # [B, V]
+        attn, next_pos = attn[rep], pos[rep, -1:] + 1  # [B, L], [B, 1]
+        keys = seeds.to(device)  # one SplitMix64 stream per request
+        rows = torch.arange(B, device=device)  # batch row -> request
+        live = torch.ones(B, dtype=torch.bool, device=device)  # per batch row: still generating
+        toks = torch.full((B, T), pad, dtype=torch.long, device=device)
+        lps = torch.zeros((B, T), device=device)
+        length = torch.full((B,), T, dtype=torch.long, device=device)
         reason = ["length"] * B
-        stops = sampling.stop or []
-        tail = max((len(s) for s in stops), default=0) + 2
-        for step in range(sampling.max_tokens):
-            tok, lp = sample_next(logits, sampling, gen)
-            keep = []
-            for j, (r, t, l) in enumerate(zip(rows.tolist(), tok.tolist(), lp.tolist())):
-                toks[r].append(t)
-                lps[r].append(l)
-                done = t in self.eos_ids
-                if not done and stops:
-                    text = self.tokenizer.decode(toks[r][-tail:], skip_special_tokens=True)
-                    done = any(s in text for s in stops)
-                if done:
-                    reason[r] = "stop"
-                else:
-                    keep.append(j)
-            if not keep or step == sampling.max_tokens - 1:
+        eos = torch.tensor(sorted(self.eos_ids) or [-1], device=device)
+        stops, tail = sampling.stop or [], max((len(s) for s in sampling.stop or []), default=0) + 2
+        for step in range(T):
+            tok, lp = sample_next(logits, sampling, noise=uniform_noise(keys[rows], step, logits.shape[-1]))
+            toks[rows, step], lps[rows, step] = tok, lp
+            done = torch.isin(tok, eos) & live
+            if stops:
+                for j in live.nonzero().flatten().tolist():
+                    if not done[j]:
+                        text = self.tokenizer.decode(toks[rows[j], max(0, step + 1 - tail):step + 1].tolist(),
+                                                     skip_special_tokens=True)
+                        done[j] = any(s in text for s in stops)
+            for j in done.nonzero().flatten().tolist():
+                length[rows[j]], reason[int(rows[j])] = step + 1, "stop"
+            live &= ~done
+            n_live = int(live.sum())
+            if n_live == 0 or step == T - 1:
                 break
-            if len(keep) < len(rows):  # drop finished rows from the batch and the cache
-                idx = torch.tensor(keep, device=device)
-                cache.batch_select_indices(idx)
-                rows, attn, next_pos, tok = rows[idx], attn[idx], next_pos[idx], tok[idx]
+            if n_live <= 0.75 * len(rows):  # compact: finished rows stop costing compute
+                keep = live.nonzero().flatten()
+                cache.batch_select_indices(keep)
+                rows, attn, next_pos, tok, live = rows[keep], attn[keep], next_pos[keep], tok[keep], live[keep]
             attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
-            out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+                             use_cache=True)
             cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
-        return [Completion(prompt_index=offset + r // n, token_ids=toks[r], text=_text(self.tokenizer, toks[r], stops),
-                           logprobs=lps[r], finish_reason=reason[r]) for r in range(B)]
+        toks_l, lps_l, len_l = toks.tolist(), lps.tolist(), length.tolist()
+        return [Completion(prompt_index=r // n, token_ids=toks_l[r][:len_l[r]],
+                           text=_text(self.tokenizer, toks_l[r][:len_l[r]], stops), logprobs=lps_l[r][:len_l[r]],
+                           finish_reason=reason[r]) for r in range(B)]
 
 
 def _text(tokenizer, ids: list[int], stops: list[str]) -> str:
