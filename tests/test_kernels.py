@@ -185,6 +185,15 @@ def test_fused_logprob_matches_reference(impl, N, H, V, chunk, temp):
     assert (got[0][1] > 0).all() and (got[0][1] <= torch.log(torch.tensor(float(V))) + 1e-4).all()
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_fused_logprob_grad_of_logp_alone(impl):
+    """Entropy unused in the loss: backward skips its terms and still matches the reference."""
+    h, w, t = _logprob_inputs(10, 24, 130, seed=12)
+    ref = _fwd_bwd(lambda a, b: logprob_reference(a, b, t, 0.9)[0], (h, w), [0, 1])
+    got = _fwd_bwd(lambda a, b: fused_logprob(a, b, t, 0.9, chunk_size=48, impl=impl)[0], (h, w), [0, 1])
+    _assert_close(got[0] + got[1], ref[0] + ref[1], atol=2e-4, rtol=1e-4)
+
+
 def test_fused_logprob_result_independent_of_chunk_size():
     h, w, t = _logprob_inputs(11, 32, 200, seed=10)
     a = fused_logprob(h, w, t, chunk_size=7)

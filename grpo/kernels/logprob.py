@@ -40,10 +40,12 @@ def logprob_reference(hidden, weight, targets, temperature: float = 1.0):
 
 def _fwd_chunk_torch(z, targets, v0, inv_temp, m, s, t, zt):
     """Fold logits chunk z[N, C] (raw matmul output) into the running row stats m, s, t, zt (in place)."""
-    z = z.float().mul_(inv_temp)
+    z = z.float()
+    if inv_temp != 1.0:
+        z = z.mul_(inv_temp)
     m_new = torch.maximum(m, z.amax(1))
     scale = torch.exp(m - m_new)
-    e = torch.exp(z - m_new[:, None])  # [N, C]
+    e = torch.sub(z, m_new[:, None]).exp_()  # [N, C]
     s.mul_(scale).add_(e.sum(1))
     t.mul_(scale).add_(torch.linalg.vecdot(e, z))  # 'nc,nc->n'
     m.copy_(m_new)
@@ -53,15 +55,22 @@ def _fwd_chunk_torch(z, targets, v0, inv_temp, m, s, t, zt):
 
 
 def _bwd_chunk_torch(z, targets, v0, inv_temp, lse, ez, g_logp, g_ent):
-    """d loss / d (hidden @ W_c.T) for chunk z[N, C], returned in z.dtype (fp32 maths)."""
-    zf = z.float().mul_(inv_temp)
-    p = torch.exp(zf - lse[:, None])  # [N, C]
-    dz = p.mul_(-(g_logp[:, None] + g_ent[:, None] * (zf - ez[:, None])))
+    """d loss / d (hidden @ W_c.T) for chunk z[N, C], returned in z.dtype (fp32 maths); g_ent None = unused."""
+    zf = z.float()
+    if inv_temp != 1.0:
+        zf = zf.mul_(inv_temp)
+    if g_ent is None:
+        dz = torch.sub(zf, lse[:, None]).exp_().mul_(-g_logp[:, None])  # -g * p
+    else:
+        coef = torch.sub(zf, ez[:, None]).mul_(g_ent[:, None]).add_(g_logp[:, None])
+        dz = torch.sub(zf, lse[:, None]).exp_().mul_(coef).neg_()  # -p * (g + g_ent * (z - E_p[z]))
     local = targets - v0
     hit = (local >= 0) & (local < z.shape[1])
     rows = hit.nonzero()[:, 0]
     dz[rows, local[rows]] += g_logp[rows]
-    return dz.mul_(inv_temp).to(z.dtype)
+    if inv_temp != 1.0:
+        dz = dz.mul_(inv_temp)
+    return dz.to(z.dtype)
 
 
 if triton is not None:
@@ -119,6 +128,7 @@ def _fwd_chunk_triton(z, targets, v0, inv_temp, m, s, t, zt):
 
 def _bwd_chunk_triton(z, targets, v0, inv_temp, lse, ez, g_logp, g_ent):
     N, C = z.shape
+    g_ent = torch.zeros_like(lse) if g_ent is None else g_ent
     block = min(1024, triton.next_power_of_2(C))
     _bwd_chunk_kernel[(N,)](z, z.stride(0), targets, lse, ez, g_logp, g_ent, C, v0, inv_temp, BLOCK=block)
     return z
@@ -149,6 +159,7 @@ class _FusedLogprob(torch.autograd.Function):
         logp = torch.where(valid, zt - lse, 0.0)
         entropy = lse - ez
         ctx.save_for_backward(hidden, weight, targets, lse, ez)
+        ctx.set_materialize_grads(False)  # an unused entropy arrives as None: its terms are skipped
         ctx.inv_temp, ctx.chunk_size, ctx.use_triton = inv_temp, chunk_size, use_triton
         return logp, entropy
 
@@ -158,7 +169,7 @@ class _FusedLogprob(torch.autograd.Function):
         V = weight.shape[0]
         C = ctx.chunk_size
         g_logp = torch.zeros_like(lse) if g_logp is None else (g_logp.float() * (targets >= 0)).contiguous()
-        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
+        g_ent = None if g_ent is None else g_ent.float().contiguous()
         bwd_chunk = _bwd_chunk_triton if ctx.use_triton else _bwd_chunk_torch
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
