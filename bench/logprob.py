@@ -27,10 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo.kernels.logprob import fused_logprob  # noqa: E402
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
+def proc_bytes(path: str, key: str) -> int:
+    """A 'Key:  N kB' line of a /proc file, in bytes (VmRSS of /proc/self/status, MemAvailable of /proc/meminfo)."""
+    with open(path) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -43,7 +44,7 @@ def child(variant, T, V, H, forward_only, out_path):
     targets = torch.randint(0, V, (T,), generator=g)
     hidden.requires_grad_(not forward_only)
     weight.requires_grad_(not forward_only)
-    base = rss_bytes()
+    base = proc_bytes("/proc/self/status", "VmRSS")
     t0 = time.perf_counter()
     if variant == "fused":
         logp, _entropy = fused_logprob(hidden, weight, targets)
@@ -56,14 +57,6 @@ def child(variant, T, V, H, forward_only, out_path):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     torch.save({"logp": logp.detach(), "dhidden": None if forward_only else hidden.grad}, out_path)
     print(json.dumps({"time": elapsed, "time_fwd": t_fwd, "peak": peak, "base": base}))
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def main():
@@ -81,7 +74,7 @@ def main():
 
     logits_gb = T * V * 4 / 2**30
     need = (2 if args.forward_only else 3) * logits_gb + 2 * V * H * 4 / 2**30
-    avail = mem_available() / 2**30
+    avail = proc_bytes("/proc/meminfo", "MemAvailable") / 2**30
     mode = "forward" if args.forward_only else "forward+backward"
     print(f"T={T} V={V} H={H} fp32, {mode}; one [T, V] fp32 logits tensor = {logits_gb:.1f} GiB; "
           f"baseline needs ~{need:.1f} GiB, {avail:.1f} GiB available; CPU, {torch.get_num_threads()} threads")
