@@ -140,15 +140,17 @@ def rope_inv_freq(cfg: DeepseekConfig) -> tuple[torch.Tensor, float]:
     if p.get("rope_type", "default") == "default":
         return inv_freq, 1.0
     assert p["rope_type"] in ("yarn", "deepseek_yarn"), p["rope_type"]
-    factor = p["factor"]
     orig = p.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    factor = p.get("factor") or cfg.max_position_embeddings / orig
     beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
 
     def correction_dim(rotations):
         return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     ramp = ((torch.arange(dim // 2, dtype=torch.float) - low) / max(high - low, 0.001)).clamp(0, 1)
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     mscale, mscale_all = p.get("mscale"), p.get("mscale_all_dim")
