@@ -95,10 +95,11 @@ def grouped_mm(a, b, offsets, bounds):
 
 
 class _SortedMoE(torch.autograd.Function):
-    """Saves only the [S, 2I] gate/up pre-activations and the routing; backward re-gathers x and runs the four
-    grouped GEMMs on the sorted rows (da, dW_down, dW_gate_up, dx) with SwiGLU's backward in between. Rows go back
-    to their (token, slot) place with one index_copy, then a dense sum over K: deterministic, and far faster on
-    CPU than the serial scatter-add that index_add_ / autograd's index backward use."""
+    """Sorted-row MoE with a hand-written backward. The routing weight scales the [S, I] hidden before the down GEMM
+    (w * (a @ Wd.T) = (w * a) @ Wd.T, half the bytes of scaling the [S, H] output). Saves only the [S, 2I] gate/up
+    pre-activations and the routing; backward re-gathers x and runs four grouped GEMMs (da, dW_down, dW_gate_up,
+    dx) with SwiGLU's backward in between. Rows return to their (token, slot) place by one index_copy and a dense
+    sum over K: deterministic, and far faster on CPU than the serial scatter-add of index_add_ / index backward."""
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_gate_up, w_down):
@@ -106,16 +107,15 @@ class _SortedMoE(torch.autograd.Function):
         K = topk_ids.shape[1]
         E, I2, _ = w_gate_up.shape
         I = I2 // 2
-        acc = torch.promote_types(x.dtype, torch.float32)  # routing weights and scatter-back in >= fp32
+        acc = torch.promote_types(x.dtype, torch.float32)  # SwiGLU, routing weights and the K-sum in >= fp32
         order, counts, offsets = sort_by_expert(topk_ids, E)
         bounds = offsets.tolist()
         tok = order // K  # [S] token of each sorted row
         ws = topk_weights.reshape(-1)[order].to(acc)[:, None]  # [S, 1] routing weight of each sorted row
         h = grouped_mm(x.index_select(0, tok), w_gate_up.transpose(1, 2), offsets, bounds)  # [S, 2I] 'sh,eih->si'
-        a = F.silu(h[:, :I]).mul_(h[:, I:])  # [S, I]
-        y = grouped_mm(a, w_down.transpose(1, 2), offsets, bounds)  # [S, H] 'si,ehi->sh'
-        y = y.mul_(ws) if y.dtype == acc else y * ws
-        out = torch.empty_like(y).index_copy_(0, order, y).view(T, K, H).sum(1)  # 'tkh->th' scatter-back
+        aw = (F.silu(h[:, :I]) * h[:, I:]).mul_(ws).to(x.dtype)  # [S, I] expert hidden, routing weight folded in
+        y = grouped_mm(aw, w_down.transpose(1, 2), offsets, bounds)  # [S, H] 'si,ehi->sh' = w * y_e
+        out = torch.empty_like(y).index_copy_(0, order, y).view(T, K, H).sum(1, dtype=acc)  # 'tkh->th' scatter-back
         ctx.save_for_backward(x, topk_weights, w_gate_up, w_down, order, offsets, h, ws)
         ctx.bounds, ctx.K = bounds, K
         return out.to(x.dtype)
@@ -142,7 +142,7 @@ class _SortedMoE(torch.autograd.Function):
         dh = dh.to(dt)
         dwgu = grouped_mm(dh.t(), x.index_select(0, tok), offsets, bounds)  # [E, 2I, H] 'is,sh->eih'
         dxs = grouped_mm(dh, w_gate_up, offsets, bounds)  # [S, H] 'si,eih->sh'
-        dx = torch.empty_like(dxs).index_copy_(0, order, dxs).view(T, K, H).sum(1)
+        dx = torch.empty_like(dxs).index_copy_(0, order, dxs).view(T, K, H).sum(1, dtype=acc).to(dt)
         dtw = torch.empty_like(dws).index_copy_(0, order, dws).view(T, K).to(topk_weights.dtype)
         return dx, None, dtw, dwgu, dwd
 
