@@ -71,7 +71,8 @@ _NOT_UNITS = {"pi", "sqrt", "frac", "cdot", "times", "mod", "ln", "log", "sin", 
 
 
 def _clean(s: str) -> str:
-    """Textual clean-up before parsing: answer lead-ins, trailing full stops, thousands separators, word units."""
+    """Textual clean-up before parsing, for forms math-verify 0.9 gets wrong (each one is in the labelled set):
+    answer lead-ins, trailing full stops, 1{,}000 and 1\,000, LaTeX spacing, 1.5e3, word units."""
     s = s.strip()
     s = re.sub(r"(?i)^(?:\\text\{)?\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is)?\s*[:=]?\s*\}?", "", s).strip()
     if not re.search(r"[()\[\]]|\\\{", s):  # 1,000 is a thousand; (1,000] and \{1,000\} are not

@@ -4,7 +4,8 @@ Why not math-verify's own timeout: it uses SIGALRM, which only works in the main
 trainer threads, and it cannot interrupt C code. Why not multiprocessing.Pool: its workers cannot be killed
 per task, and daemonic processes (a multiprocessing.Pool worker) may not start children. So: one plain
 subprocess per trainer process (a zygote that has imported and warmed sympy) forks workers that speak JSON
-lines over sockets; a deadline measured here with poll(); SIGKILL and a fresh fork (~10 ms) on expiry. No
+lines over sockets; a deadline measured here with poll(); on expiry the caller gets a timeout and an idle or
+freshly forked (~10 ms) worker at once, and the late one is SIGKILLed unless it answers within a grace. No
 signal is used in the caller, so the deadline holds in the main thread, worker threads, subprocesses, daemonic
 pool workers and every rank of a distributed run (each process gets its own pool, rebuilt after fork).
 """
@@ -26,6 +27,7 @@ from collections import deque
 from pathlib import Path
 
 _WORKER = str(Path(__file__).with_name("_mathworker.py"))
+GRACE_S = 2.0  # how long a worker past its deadline may still finish before it is killed
 
 
 class _Worker:
@@ -69,6 +71,7 @@ class VerifyPool:
         self.pid = os.getpid()
         self._idle: deque[_Worker] = deque()
         self._live: set[_Worker] = set()
+        self._aside: list[tuple[_Worker, float]] = []  # past their deadline: (worker, SIGKILL time)
         self._lock = threading.Condition()
         self._zlock = threading.Lock()
         self._zygote: subprocess.Popen | None = None
@@ -139,6 +142,45 @@ class VerifyPool:
         self._live.discard(w)
         return self._spawn()
 
+    def _set_aside(self, w: _Worker) -> _Worker:
+        """A worker past its deadline: the caller moves on at once with an idle or newly forked worker, while
+        this one gets GRACE_S to answer (its own timer usually ends the item, and it keeps its warm caches;
+        killing it on every deadline under CPU contention made fresh workers slower and time out more)."""
+        with self._lock:
+            self._aside.append((w, time.monotonic() + GRACE_S))
+            spare = self._idle.popleft() if self._idle else None
+        return spare or self._spawn()
+
+    def _reap(self) -> None:
+        """Workers set aside: back to idle once they answered, SIGKILLed when their grace is over (C hangs)."""
+        with self._lock:
+            aside, self._aside = self._aside, []
+        keep = []
+        for w, kill_at in aside:
+            poller = select.poll()
+            poller.register(w.fd, select.POLLIN)
+            if poller.poll(0):
+                lines = w.read_lines()
+                if lines is not None and any(m.get("id") == w.task for m in lines):
+                    w.task = None
+                    if len(self._live) > self.max_size:
+                        w.kill()
+                        self._live.discard(w)
+                    else:
+                        self._release([w])
+                    continue
+                if lines is None:
+                    w.kill()
+                    self._live.discard(w)
+                    continue
+            if time.monotonic() > kill_at:
+                w.kill()
+                self._live.discard(w)
+            else:
+                keep.append((w, kill_at))
+        with self._lock:
+            self._aside.extend(keep)
+
     def _checkout(self, want: int, block: bool) -> list[_Worker]:
         """Take up to `want` idle workers. `block`: the caller holds none, so it gets at least one; a new one
         is forked when all are busy (other threads) and the pool is below max_size, else it waits."""
@@ -165,6 +207,7 @@ class VerifyPool:
         pending = deque(range(len(reqs)))
         held: list[_Worker] = []
         retried: set[int] = set()
+        self._reap()
         try:
             while pending or any(w.task is not None for w in held):
                 if pending and len(held) < min(self.size, len(reqs)):
@@ -202,12 +245,15 @@ class VerifyPool:
                 for w in list(held):
                     if w.task is not None and now - w.t0 > deadline:
                         results[w.task] = {"score": 0.0, "why": "timeout"}
-                        held[held.index(w)] = self._replace(w)
+                        held[held.index(w)] = self._set_aside(w)
         finally:
-            for w in held:
+            for w in list(held):
                 if w.task is not None:  # interrupted mid-item (KeyboardInterrupt): its answer would be stale
-                    held[held.index(w)] = self._replace(w)
+                    held.remove(w)
+                    with self._lock:
+                        self._aside.append((w, time.monotonic() + GRACE_S))
             self._release(held)
+            self._reap()
         return results  # type: ignore[return-value]
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ hedge detection. Pure string work (no sympy), so it is safe and fast in the trai
 from __future__ import annotations
 
 import re
+import unicodedata
 
 
 def completion_text(c) -> str:
@@ -55,7 +56,7 @@ def boxed_contents(text: str) -> list[str]:
 
 def extract_answer(text: str, pattern: str | None = None, think_in_prompt: bool = False) -> tuple[str | None, str]:
     r"""(answer, why). The single <answer> block's content, else the last \boxed{} after </think>, else the last
-    match of `pattern` (first group). Text inside <think> never counts. why is "ok", "no_answer" or "hedge"
+    match of `pattern` (first group). Our own: math-verify's extraction searches the whole text, <think> included. Text inside <think> never counts. why is "ok", "no_answer" or "hedge"
     (several answer blocks, or several different boxed answers)."""
     _, tail = split_think(text, think_in_prompt)
     blocks = _ANSWER.findall(tail)
@@ -78,6 +79,8 @@ def extract_answer(text: str, pattern: str | None = None, think_in_prompt: bool 
 
 
 # ---- hedge detection (an answer that names several candidates when one is asked for) ----
+# Our own because math-verify picks one match from the text ("7 or 5" extracts 5 in some configurations) and
+# has no notion of a hedge; these checks are plain string work, done before anything is parsed.
 
 _OR_WORDS = re.compile(r"(?i)(?<![a-z])(or|either)(?![a-z])|\\lor|\\vee|\\pm|\\mp|±|∓|或")
 _MULTI_GOLD = re.compile(r",|;|\\\{|\\cup|\\pm|\\begin\{|\\cap|\bor\b|\\lor|\[|\]|\(.*,.*\)")
@@ -122,8 +125,6 @@ def is_hedge(pred: str, gold: str) -> bool:
 def normalise_string(s: str) -> str:
     """Exact-string mode: unicode-folded, case-folded, \\text{} unwrapped, outer $ and punctuation dropped,
     whitespace collapsed."""
-    import unicodedata
-
     s = unicodedata.normalize("NFKC", s)
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     s = s.strip().strip("$").strip()
