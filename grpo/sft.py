@@ -81,9 +81,9 @@ def collate(pairs, pad_id: int, loss_on: str) -> dict[str, torch.Tensor]:
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    """Mean next-token cross-entropy over labelled tokens, as the model computes it from `labels` (for r1kit's
+    DeepSeek model this includes the lambda-weighted MTP loss and any balance loss)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
 def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Console | None = None) -> Path:
@@ -120,6 +120,8 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if hasattr(model, "update_expert_bias"):  # DeepSeek-V3 aux-loss-free balancing, after each step
+                model.update_expert_bias()
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"sft step {step}: loss is {loss.item()}")
             m = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "learning_rate": sched.get_last_lr()[0],

@@ -142,6 +142,9 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if hasattr(model, "update_expert_bias"):  # DeepSeek-V3 aux-loss-free balancing
+                    for k, v in model.update_expert_bias().items():
+                        agg[f"moe/{k}"] = v
             sched.step()
             # 4. push the new weights to the sampler (a no-op for the native engine, which shares them)
             t_sync = time.perf_counter()

@@ -153,3 +153,20 @@ def test_user_reward_file_trains(base, tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("rewards/reward_len/mean" in r and r["rewards/reward_len/mean"] <= 0 for r in rows)
     assert rows[0]["reward"] == pytest.approx(rows[0]["rewards/reward_len/mean"])
+
+
+def test_deepseek_moe_model_through_sft_and_grpo(tmp_path):
+    """r1kit's own MoE/MLA model: built from a preset, pretrained, GRPO-trained with the expert-bias update,
+    and the final checkpoint loads in transformers."""
+    from grpo import sft
+    from grpo.config import SFTConfig
+
+    pre = SFTConfig.model_validate({"init": {"preset": "tiny", "num_hidden_layers": 2}, "train_tokenizer": {"vocab_size": 400},
+                                    "data": {"num_examples": 200}, "steps": 3, "batch_size": 8, "learning_rate": 1e-3})
+    base = sft.train(pre, None, tmp_path / "pre")
+    assert json.loads((base / "config.json").read_text())["model_type"] == "deepseek_v3"
+    final = trainer.train(_cfg(steps=2), str(base), tmp_path / "grpo")
+    rows = [json.loads(l) for l in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows) and any(k.startswith("moe/") for k in rows[-1])
+    hf_model = AutoModelForCausalLM.from_pretrained(final)
+    assert type(hf_model).__name__ == "DeepseekV3ForCausalLM"
