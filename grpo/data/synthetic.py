@@ -20,7 +20,7 @@ def _problem(rng: random.Random, n_ops: int) -> tuple[str, list[str], int]:
     value = rng.randint(1, 9)
     expr, steps = str(value), []
     for _ in range(n_ops):
-        op = rng.choice(("+*" if value <= 20 else "+") + ("-" if value >= 2 else ""))
+        op = rng.choice(("+*" if value <= 10 else "+") + ("-" if value >= 2 else ""))
         b = rng.randint(1, min(9, value - 1)) if op == "-" else rng.randint(2 if op == "*" else 1, 9)
         new = value + b if op == "+" else value - b if op == "-" else value * b
         steps.append(f"{value} {op} {b} = {new}.")
