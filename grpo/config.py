@@ -270,16 +270,22 @@ def _section(name: str, raw: Any, where: str, origin: dict[tuple, str]) -> Stage
         raise ConfigError(_format_error(err, cls, where, origin, prefix=(name,))) from None
 
 
+def _read_yaml(path: Path) -> dict:
+    """The YAML mapping in `path`; a syntax error is one line naming the file."""
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys")
+    return tree
+
+
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> RecipeConfig:
     """Load, override and validate a whole recipe. Raises ConfigError with one line on any problem."""
     path = recipe_path(name_or_path)
     where = str(path)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{where}: a recipe must be a mapping of sections")
+    tree = _read_yaml(path)
     origin = apply_overrides(tree, list(overrides))
     top = {k: tree[k] for k in _RECIPE_KEYS if k in tree}
     sections = {}
@@ -313,7 +319,7 @@ def load_stage(kind: str, name_or_path: str, overrides: list[str] = ()) -> tuple
     """Config for `r1 <kind> FILE`: a recipe file (its `<kind>` section, or the only section of that kind),
     or a bare stage config file."""
     path = recipe_path(name_or_path)
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = _read_yaml(path)
     if "stages" in tree or any(isinstance(v, dict) and v.get("kind") == kind for v in tree.values()) or kind in tree:
         recipe = load_recipe(name_or_path, overrides)
         names = [n for n, s in recipe.sections.items() if s.kind == kind]

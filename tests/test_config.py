@@ -100,3 +100,12 @@ def test_cli_names_missing_template_and_reward_file(tmp_path):
     assert p.returncode == 2 and "nope.jinja" in p.stderr and "Traceback" not in p.stderr
     p = _r1("run", "r1-zero-tiny", f"grpo.rewards.0.name={tmp_path}/mine.py:score")
     assert p.returncode == 2 and "mine.py" in p.stderr and "does not exist" in p.stderr
+
+
+def test_yaml_syntax_error_is_one_line(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("grpo:\n  steps: [1, 2\n")
+    for load in (lambda: load_recipe(str(f)), lambda: load_stage("grpo", str(f))):
+        with pytest.raises(ConfigError) as e:
+            load()
+        assert str(f) in str(e.value) and "not valid YAML" in str(e.value) and "\n" not in str(e.value)
