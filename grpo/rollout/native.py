@@ -15,7 +15,10 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from grpo.rollout.base import Completion, SamplingParams
 from grpo.rollout.common import fit_prompt, request_seed
@@ -113,6 +116,24 @@ class BufferLayer(DynamicLayer):
         self.batch_select_indices(torch.arange(self.kbuf.shape[0], device=self.kbuf.device).repeat_interleave(repeats))
 
 
+def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa, except on a plain one-token decoding step: the query heads that share a KV head become
+    that KV head's query rows, so grouped-query models attend to the buffered (strided) cache without repeat_kv
+    copying it every layer and step. query [B,H,1,D], key/value [B,Hkv,T,D] -> [B,1,H,D]."""
+    B, H, S, D = query.shape
+    if S != 1 or dropout or any(kwargs.get(k) is not None for k in ("position_bias", "s_aux", "sliding_window")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    Hkv = key.shape[1]
+    q = query.reshape(B, Hkv, H // Hkv, D)  # heads g*rep .. g*rep+rep-1 read KV head g (repeat_kv's order)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(B, H, 1, value.shape[-1]).transpose(1, 2), None
+
+
+AttentionInterface.register("r1kit_decode", decode_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register("r1kit_decode", sdpa_mask)
+
+
 def _make_cache(model, capacity: int, rows: torch.Tensor):
     """A buffered cache for transformers models with full attention in every layer; None lets the model build its
     own (sliding-window/hybrid models, r1kit's MLA model with its latent cache)."""
@@ -172,6 +193,10 @@ class NativeWorker:
         per_chunk = max(1, self.max_batch_size // n)
         was_training = self.model.training
         self.model.eval()
+        cfg = getattr(self.model, "config", None)
+        attn_impl = getattr(cfg, "_attn_implementation", None)
+        if attn_impl == "sdpa":  # decoding steps skip repeat_kv (restored below: training keeps plain sdpa)
+            cfg._attn_implementation = "r1kit_decode"
         out: list[Completion | None] = [None] * (len(prompts) * n)
         try:
             for start in range(0, len(order), per_chunk):
@@ -184,6 +209,8 @@ class NativeWorker:
             return out  # type: ignore[return-value]
         finally:
             self.model.train(was_training)
+            if attn_impl == "sdpa":
+                cfg._attn_implementation = attn_impl
 
     def _generate_chunk(self, prompts, n, sampling, seeds) -> list[Completion]:
         device = next(self.model.parameters()).device
