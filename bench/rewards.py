@@ -67,8 +67,10 @@ def _completion(rng: random.Random, gold_forms: list[str], wrong: list[str]) -> 
         ans = rng.choice(gold_forms)
     elif r < 0.85:
         ans = rng.choice(wrong)
-    elif r < 0.93:  # hedge: right and wrong together
-        ans = f"{rng.choice(wrong)} \\text{{ or }} {gold_forms[0]}"
+    elif r < 0.93:  # hedge: right and wrong together, in either order
+        pair = [rng.choice(wrong), gold_forms[0]]
+        rng.shuffle(pair)
+        ans = f"{pair[0]} \\text{{ or }} {pair[1]}"
     else:  # right answer only inside the reasoning
         return f"<think>I get \\boxed{{{gold_forms[0]}}} maybe.</think> I am not sure."
     words = ["Let", "us", "compute", "carefully", "then", "simplify", "the", "sum", "so", "we", "check", "again"]
@@ -96,6 +98,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=0, help="r1kit verification workers (default: core count)")
+    ap.add_argument("--deadline", type=float, default=1.0, help="r1kit per-item deadline, seconds (default 1)")
     args = ap.parse_args()
     if args.workers:
         os.environ["R1KIT_VERIFY_WORKERS"] = str(args.workers)
@@ -119,7 +122,7 @@ def main() -> None:
     r1, tr, t_r1, t_trl = [], [], 0.0, 0.0
     for i in range(0, len(comps), args.batch):  # alternate batches so both see the same machine load
         t0 = time.perf_counter()
-        r1 += ours(comps[i:i + args.batch], None, answer=golds[i:i + args.batch])
+        r1 += ours(comps[i:i + args.batch], None, answer=golds[i:i + args.batch], deadline=args.deadline)
         t1 = time.perf_counter()
         tr += trl_accuracy(chats[i:i + args.batch], trl_golds[i:i + args.batch])
         t_r1, t_trl = t_r1 + t1 - t0, t_trl + time.perf_counter() - t1
@@ -134,15 +137,25 @@ def main() -> None:
           f"(r1kit, trl): {dict(Counter((r1[i], tr[i]) for i in diff))}")
     from rewards._text import extract_answer
 
+    # which of r1kit's disagreeing verdicts were deadline hits (a loaded machine), not a different judgement
+    again = ours([comps[i] for i in diff], None, answer=[golds[i] for i in diff], deadline=30.0)
+    late = {i for i, a in zip(diff, again) if a != r1[i]}
+    if late:
+        print(f"  of these, {len(late)} are r1kit deadline hits ({args.deadline} s); with a 30 s deadline "
+              f"r1kit agrees with trl on {sum(again[k] == tr[i] for k, i in enumerate(diff) if i in late)} of them")
+
     def why(i: int) -> str:
+        if i in late:
+            return f"r1kit hit its {args.deadline} s deadline"
         if comps[i].startswith("<think>I get"):
             return "answer only inside <think>"
         if "\\text{ or }" in comps[i]:
-            return "hedge (wrong or right)"
+            return "hedge (right and wrong answers)"
         if "<answer>" in comps[i]:
             return "<answer> tag, no \\boxed"
         return "same boxed answer, different verdict"
 
+    print("  by cause:", dict(Counter((why(i), f"r1kit={r1[i]} trl={tr[i]}") for i in diff).most_common()))
     shown: Counter = Counter()
     for i in diff:
         key = (r1[i], tr[i], why(i))
