@@ -2,11 +2,12 @@
 
 Completions are generated deterministically (seed 0) as GRPO would see them: 625 problems x 8 samples, a chain
 of thought of 40-300 words with some inline math, then an answer right in one of several written forms, wrong,
-hedged, or only inside the thought; boxed (80%) or in <answer> tags (20%). Both rewards score the same items in
-batches of 64, alternating batch by batch in one run, in this process's main thread (TRL's timeouts are on there). Prints completions/s
-for each, the share of items where they disagree with examples, and the speed ratio last.
+hedged, or only inside the thought; boxed (80%) or in <answer> tags (20%). Both rewards score the same items
+in batches of 64, alternating batch by batch in one run, in this process's main thread (TRL's timeouts are on
+there). Prints completions/s for each, the share of items where they disagree with examples, and the speed
+ratio last.
 
-    python bench/rewards.py [--n 5000] [--batch 64] [--workers N]
+    python bench/rewards.py [--n 5000] [--batch 64] [--workers N] [--deadline 1.0]
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     pool = get_pool()
-    print(f"r1kit verification pool: {pool.size} workers, started in {time.perf_counter() - t0:.2f} s (not timed below)")
+    print(f"r1kit verification pool: {pool.size} workers, started in {time.perf_counter() - t0:.2f} s "
+          "(not timed below)")
     ours = rewards.get("accuracy")
     r1, tr, t_r1, t_trl = [], [], 0.0, 0.0
     for i in range(0, len(comps), args.batch):  # alternate batches so both see the same machine load

@@ -56,7 +56,8 @@ def boxed_contents(text: str) -> list[str]:
 
 def extract_answer(text: str, pattern: str | None = None, think_in_prompt: bool = False) -> tuple[str | None, str]:
     r"""(answer, why). The single <answer> block's content, else the last \boxed{} after </think>, else the last
-    match of `pattern` (first group). Our own: math-verify's extraction searches the whole text, <think> included. Text inside <think> never counts. why is "ok", "no_answer" or "hedge"
+    match of `pattern` (first group). Text inside <think> never counts (our own extraction: math-verify's
+    searches the whole text, <think> included). why is "ok", "no_answer" or "hedge"
     (several answer blocks, or several different boxed answers)."""
     _, tail = split_think(text, think_in_prompt)
     blocks = _ANSWER.findall(tail)

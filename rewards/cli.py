@@ -73,8 +73,8 @@ def cmd_score(args, console: Console) -> int:
     ex.add_column("total", justify="right")
     for i in range(min(args.examples, len(rows))):
         text = completion_text(completions[i]).replace("\n", " ")
-        ex.add_row(str(i), escape(text[-70:]), *[("None" if per[lb][i] is None else f"{per[lb][i]:.3g}") for lb in rs.labels],
-                   f"{total[i]:.3g}")
+        cells = ["None" if per[lb][i] is None else f"{per[lb][i]:.3g}" for lb in rs.labels]
+        ex.add_row(str(i), escape(text[-70:]), *cells, f"{total[i]:.3g}")
     console.print(ex)
     return 0
 

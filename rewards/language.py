@@ -122,7 +122,9 @@ def detect(text: str) -> Language | None:
     if top in only:
         return only[top]
     det = _detector(top)
-    return det.detect_language_of(" ".join(w for w, s, _ in ws if s == top)) if det else _all_detector().detect_language_of(text)
+    if det is None:
+        return _all_detector().detect_language_of(text)
+    return det.detect_language_of(" ".join(w for w, s, _ in ws if s == top))
 
 
 def _chunks(ws: list[tuple[str, str, int]], scripts: set[str], min_words: int = 6) -> list[list[tuple[str, str]]]:

@@ -44,7 +44,8 @@ def get(name: str) -> RewardFn:
         if ep.name == name:
             return ep.load()
     hint = difflib.get_close_matches(name, names(), n=1)
-    raise KeyError(f"unknown reward {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(names())}"))
+    more = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(names())}"
+    raise KeyError(f"unknown reward {name!r}{more}")
 
 
 def _load_file(path: Path):

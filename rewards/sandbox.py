@@ -104,7 +104,8 @@ mount --bind "$W" "$R/sandbox"; mount -t proc proc "$R/proc"
 for n in null zero urandom random; do touch "$R/dev/$n"; mount --bind "/dev/$n" "$R/dev/$n"; done
 cd /
 exec chroot "$R" setpriv --reuid "$U" --regid "$U" --clear-groups --no-new-privs \
-  /usr/bin/env -i PATH=/usr/bin:/bin HOME=/sandbox LANG=C.UTF-8 /bin/sh -c 'cd /sandbox && exec "$0" -I -S boot.py' "$PY"
+  /usr/bin/env -i PATH=/usr/bin:/bin HOME=/sandbox LANG=C.UTF-8 \
+  /bin/sh -c 'cd /sandbox && exec "$0" -I -S boot.py' "$PY"
 """
 
 

@@ -89,7 +89,8 @@ ACCURACY = [
     (A("(43,100]"), "(43, 100]", 1.0, {}, "interval with a 3-digit end is not a thousands separator"),
     (A("(62,18)"), "(62, 18)", 1.0, {}, "pair with a decreasing order"),
     (A("\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}"), "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", 1.0, {}, "matrix"),
-    (A("\\begin{pmatrix}1&2\\\\3&5\\end{pmatrix}"), "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", 0.0, {}, "matrix wrong"),
+    (A("\\begin{pmatrix}1&2\\\\3&5\\end{pmatrix}"), "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", 0.0, {},
+     "matrix wrong"),
     # --- percentages, thousands, units, currency ---
     (A("35\\%"), "0.35", 1.0, {}, "percent = decimal"),
     (A("0.35"), "35\\%", 1.0, {}, "decimal = percent"),
@@ -184,7 +185,8 @@ ACCURACY = [
 # per-item mode from a dataset column, and a renamed gold column
 COLUMN_MODE = [
     (A("3.1416"), "\\pi", "numeric", 1.0), (A("3.1416"), "\\pi", "math", 0.0), (A("(B)"), "B", "choice", 1.0),
-    (A("Paris"), "PARIS", "exact", 1.0), (A("\\frac{1}{2}"), "0.5", None, 1.0), (A("B"), "B", "", 1.0),  # empty: the recipe default (math)
+    (A("Paris"), "PARIS", "exact", 1.0), (A("\\frac{1}{2}"), "0.5", None, 1.0),
+    (A("B"), "B", "", 1.0),  # an empty mode means the recipe's default (math)
 ]
 
 S, E = "<think>", "</think>"
