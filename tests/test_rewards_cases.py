@@ -339,3 +339,28 @@ def test_language_is_deterministic():
     first = rewards.get("language")(comps, None, language="de")
     assert first == rewards.get("language")(comps, None, language="de")
     assert len(set(first)) == 1
+
+
+def test_two_stage_antlr_parse_matches_ll(monkeypatch):
+    """The workers parse LaTeX with ANTLR's SLL mode first (LL on error); on every math case here that must
+    give the same verdicts as latex2sympy's own LL-only parse."""
+    from rewards._pool import VerifyPool
+    from rewards._text import extract_answer
+
+    reqs = []
+    for completion, gold, _, kw, _ in ACCURACY:
+        text = completion if isinstance(completion, str) else completion[0]["content"]
+        pred = extract_answer(text, kw.get("pattern"), kw.get("think_in_prompt", False))[0]
+        if pred and kw.get("mode", "math") in ("math", "numeric") and len(pred) < 2000:
+            reqs.append({"gold": gold, "pred": pred, "mode": kw.get("mode", "math"), "soft_s": 8.0})
+    fast = VerifyPool(size=1)
+    monkeypatch.setenv("R1KIT_ANTLR_LL_ONLY", "1")
+    slow = VerifyPool(size=1)
+    try:
+        a = [r["score"] for r in fast.map(reqs, deadline=10.0)]
+        b = [r["score"] for r in slow.map(reqs, deadline=10.0)]
+    finally:
+        fast.close()
+        slow.close()
+    assert len(reqs) > 100
+    assert a == b, [(r["gold"], r["pred"], x, y) for r, x, y in zip(reqs, a, b) if x != y]
