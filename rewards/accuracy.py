@@ -19,7 +19,8 @@ from threading import Lock
 
 from rewards import _stats
 from rewards._pool import get_pool
-from rewards._text import completion_text, extract_answer, is_hedge, normalise_string, strip_thousands
+from rewards._text import completion_text, is_hedge, normalise_string, strip_thousands
+from rewards._text import extract_answer as _extract
 from rewards.registry import register
 
 MODES = ("math", "numeric", "choice", "exact")
@@ -125,6 +126,11 @@ def score_answers(golds: list, preds: list, modes: list[str], *, rel_tol: float 
     return out  # type: ignore[return-value]
 
 
+def extract_answer(text: str, pattern: str | None = None, think_in_prompt: bool = False) -> str | None:
+    """The completion's final answer text, None if missing or hedged (for callers such as cons@k voting)."""
+    return _extract(text, pattern, think_in_prompt)[0]
+
+
 @register("accuracy")
 def accuracy_reward(completions, prompts=None, *, gold_column: str = "answer", mode: str = "math",
                     mode_column: str = "answer_mode", pattern: str | None = None, think_in_prompt: bool = False,
@@ -139,7 +145,7 @@ def accuracy_reward(completions, prompts=None, *, gold_column: str = "answer", m
     modes = [str(m) if m else mode for m in item_modes] if item_modes is not None else [mode] * len(golds)
     preds = []
     for c in completions:
-        ans, why = extract_answer(completion_text(c), pattern, think_in_prompt)
+        ans, why = _extract(completion_text(c), pattern, think_in_prompt)
         preds.append("\0hedge" if why == "hedge" else ans)
     res = score_answers(golds, preds, modes, rel_tol=rel_tol, abs_tol=abs_tol, deadline=deadline,
                         letters=letters, max_answer_chars=max_answer_chars)
