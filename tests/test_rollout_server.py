@@ -104,6 +104,21 @@ def test_server_passes_request_errors_back(served):
     assert client.generate([[5, 6, 7]], 1, SamplingParams(temperature=0.0, max_tokens=3))[0].finish_reason == "length"
 
 
+def test_failed_weight_update_reports_the_engine_error_at_once(served):
+    """A push the engine rejects mid-stream comes back as the engine's message without waiting for a timeout."""
+    from grpo.rollout.base import SamplingParams
+    from grpo.rollout.vllm import RolloutEngineError
+
+    proc, client, model, tok = served
+    bad = [(n, torch.zeros(3, 3) if "layers.1.mlp.up_proj" in n else p) for n, p in model.named_parameters()]
+    t0 = time.monotonic()
+    with pytest.raises(RolloutEngineError, match="exceeds dimension size"):
+        client.update_weights(bad)
+    assert time.monotonic() - t0 < client.weight_timeout / 2
+    with pytest.raises(RolloutEngineError, match="unusable after an earlier failure"):
+        client.generate([[5, 6, 7]], 1, SamplingParams(max_tokens=3))
+
+
 def test_server_death_is_a_clear_error(served):
     from grpo.rollout.base import SamplingParams
     from grpo.rollout.server import RolloutServerError

@@ -87,7 +87,13 @@ class Server:
             self.device = "cuda" if msg["backend"] == "nccl" else "cpu"
             return None
         if cmd == "update_weights":
-            w.push_stream(self._receive(f))
+            stream = self._receive(f)
+            try:
+                w.push_stream(stream)
+            except Exception:
+                for _ in stream:  # keep joining the client's broadcasts up to its `end`, so it gets the error now
+                    pass
+                raise
             return {"seconds": w.last_sync_s, "bytes": w.last_sync_bytes}
         if cmd in ("sleep", "wake"):
             getattr(w, cmd)()
