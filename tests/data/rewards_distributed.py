@@ -11,7 +11,8 @@ from accelerate import Accelerator
 
 import rewards
 
-PATHOLOGICAL = ["9^{9^{9^{9}}}", "(10^{10^{10}})!", "\\sqrt{" * 300 + "2" + "}" * 300, "2^{2^{30}}"]
+PATHOLOGICAL = ["9^{9^{9^{9}}}", "(10^{10^{10}})!", "\\sqrt{" * 300 + "2" + "}" * 300, "2^{2^{30}}",
+                "1+" * 50_000 + "1"]
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
         p = p if acc.process_index == 0 else p.replace("9", "8")  # ranks differ
         t0 = time.monotonic()
         s = accuracy([f"<think>x</think><answer>{p}</answer>", f"<think>x</think><answer>{k}</answer>"], None,
-                     answer=["5", str(k)])
+                     answer=["5", str(k)], max_answer_chars=None)  # no length cap: the deadline must hold
         walls.append(time.monotonic() - t0)
         scores.append(s)
     model = torch.nn.Linear(4, 1)
