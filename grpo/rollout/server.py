@@ -238,12 +238,13 @@ class VLLMServerWorker:
             send(self.sock, {"cmd": "update_weights"})
             for bucket in buckets(named, self.bucket_bytes, self.dtype, device):
                 flat = torch.cat([t.reshape(-1) for _, t in bucket])
-                send(self.sock, {"cmd": "bucket", "dtype": str(flat.dtype).removeprefix("torch."), "numel": flat.numel(),
-                                 "entries": [[name, list(t.shape)] for name, t in bucket]})
+                send(self.sock, {"cmd": "bucket", "dtype": str(flat.dtype).removeprefix("torch."),
+                                 "numel": flat.numel(), "entries": [[name, list(t.shape)] for name, t in bucket]})
                 broadcast(self.pg, flat)
                 nbytes += flat.numel() * flat.element_size()
         except OSError as e:
-            raise RolloutServerError(f"rollout server {self.host}:{self.port} failed during a weight update: {e}") from None
+            raise RolloutServerError(f"rollout server {self.host}:{self.port} failed during a weight update: "
+                                     f"{e}") from None
         except RuntimeError as e:  # gloo/NCCL errors (peer gone, timeout)
             raise RolloutServerError(f"weight broadcast to {self.host}:{self.port + 1} failed: {e}") from None
         self._call({"cmd": "end"}, "weight update")
