@@ -300,9 +300,11 @@ class VLLMWorker:
         comps = []
         for i, out in enumerate(outs):
             for o in sorted(out.outputs, key=lambda o: o.index):
+                if o.finish_reason not in ("stop", "length"):  # e.g. "abort": never hand back a cut-off sample
+                    raise RolloutEngineError(f"vLLM ended a request with finish_reason={o.finish_reason!r}")
                 lps = [d[t].logprob for d, t in zip(o.logprobs, o.token_ids)] if sampling.logprobs else []
                 comps.append(Completion(prompt_index=i, token_ids=list(o.token_ids), text=o.text, logprobs=lps,
-                                        finish_reason="length" if o.finish_reason == "length" else "stop"))
+                                        finish_reason=o.finish_reason))
         truncating = sampling.top_p < 1.0 or (0 < sampling.top_k < len(self.tokenizer))
         if sampling.logprobs and sampling.temperature > 0 and truncating:
             self._rescore(prompts, comps, sampling.temperature)
