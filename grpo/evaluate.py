@@ -1,5 +1,5 @@
 """Evaluation: sample k completions per held-out prompt and report pass@1 (mean over the k samples, as R1
-reports it), cons@k (majority vote over extracted answers) and pass@k, plus format compliance."""
+reports it), cons@k (majority vote over the k extracted answers) and pass@k, plus format compliance."""
 
 from __future__ import annotations
 
@@ -55,15 +55,11 @@ def evaluate(cfg: EvalConfig, model_path: str, console: Console | None = None) -
     scored = [[x for x in row if x is not None] for row in correct]
     out["pass@1"] = sum(sum(r) / len(r) for r in scored if r) / max(1, sum(1 for r in scored if r))
     out[f"pass@{k}"] = sum(max(r) for r in scored if r) / max(1, sum(1 for r in scored if r))
-    cons = []
+    cons = []  # majority vote over all k samples; "no answer" is a candidate too, and scores 0 when it wins
     for i in range(len(rows)):
         answers = [extract_answer(completion_text(comps[i * k + j].text)) for j in range(k)]
-        votes = Counter(a for a in answers if a)
-        if not votes or correct[i][0] is None:
-            cons.append(0.0)
-            continue
-        top = votes.most_common(1)[0][0]
-        cons.append(float(correct[i][answers.index(top)]))
+        top = Counter(answers).most_common(1)[0][0]
+        cons.append(0.0 if top is None or correct[i][0] is None else float(correct[i][answers.index(top)]))
     out[f"cons@{k}"] = sum(cons) / len(cons)
     for label, scores in per.items():
         if label != "accuracy":
