@@ -55,6 +55,7 @@ class RewardConfig(Strict):
     weight: float = 1.0
     label: str | None = None  # metric name; default: the function's name
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    on_error: Literal["raise", "none"] = "raise"  # "none": a reward that raises scores its batch None, counted in errors
 
 
 class OptimFields(Strict):
