@@ -100,7 +100,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
         console.print(f"[grpo] resumed from {last} at step {start}")
     worker = make_worker(cfg.rollout, model, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
     if start > 0:
-        worker.update_weights(model.named_parameters())
+        worker.update_weights(model)  # the module: parameters plus persistent buffers (MoE router bias)
     prompts = [render(cfg.template, r["prompt"], tok, **{k: v for k, v in r.items() if k != "prompt"}) for r in rows]
     prompt_ids = tok(prompts, add_special_tokens=False).input_ids
     order = list(range(len(rows)))
@@ -149,7 +149,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             # 4. push the new weights to the sampler (a no-op for the native engine, which shares them)
             t_sync = time.perf_counter()
             worker.wake()
-            worker.update_weights(model.named_parameters())
+            worker.update_weights(model)  # the module: parameters plus persistent buffers (MoE router bias)
             t_sync = time.perf_counter() - t_sync
             lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float)
             std_per_group = rewards_t.view(-1, G).std(dim=1)

@@ -60,7 +60,7 @@ def test_micro_batching_does_not_change_the_gradient(base):
     ids = tok([render("r1_zero", f"Compute {i} + 2") for i in range(4)], add_special_tokens=False).input_ids
     comps = NativeWorker(model, tok).generate(ids, 4, SamplingParams(max_tokens=12, seed=0))
     for i, c in enumerate(comps):  # ragged lengths, so that the three loss types really differ
-        c.token_ids = c.token_ids[: 3 + i % 9]
+        c.token_ids, c.logprobs = c.token_ids[: 3 + i % 9], c.logprobs[: 3 + i % 9]
     batch = trainer.build_batch(ids, comps, tok.pad_token_id)
     adv = torch.linspace(-1, 2, 16)
     with torch.no_grad():
