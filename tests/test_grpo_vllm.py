@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import torch
@@ -17,24 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_grpo_runs_with_vllm_rollout(tmp_path):
     base = tiny_checkpoint(tmp_path / "base")  # tied embeddings: the lm_head must follow the pushed embedding
-    cfg = tmp_path / "grpo.yaml"
-    cfg.write_text(textwrap.dedent(f"""
-        model: {base}
-        rollout: vllm
-        data: {{source: "synthetic:arith", num_examples: 32}}
-        group_size: 4
-        prompts_per_step: 4
-        steps: 2
-        sampling: {{max_tokens: 12, stop: ["</answer>"]}}
-        learning_rate: 1.0e-3
-        beta: 0.1
-        rewards:
-          - {{name: accuracy}}
-          - {{name: format}}
-          - {{name: "tests.helpers:length_reward"}}
-    """))
+    # the built-in recipe's own GRPO section, on vLLM, shortened to two steps on a tiny untrained model
+    overrides = [f"grpo.model={base}", "grpo.rollout=vllm", "grpo.data.num_examples=32", "grpo.group_size=4",
+                 "grpo.prompts_per_step=4", "grpo.steps=2", "grpo.sampling.max_tokens=12", "grpo.learning_rate=1e-3",
+                 "grpo.rewards=[{name: accuracy}, {name: format}, {name: 'tests.helpers:length_reward'}]"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO)}
-    p = subprocess.run([sys.executable, "-m", "grpo.cli", "grpo", str(cfg), "--output", str(tmp_path / "out")],
+    p = subprocess.run([sys.executable, "-m", "grpo.cli", "grpo", "recipes/r1-zero-tiny.yaml", *overrides, "--output", str(tmp_path / "out")],
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
