@@ -59,15 +59,16 @@ def build_qwen2(out_dir: str, *, head_dim: int = 64, layers: int = 2, hidden: in
     return model, tok
 
 
-def build_llama(out_dir: str, *, seed: int = 0, vocab_size: int = 1024):
-    """The r1-zero-tiny recipe's base model shape (Llama, hidden 128, 4 layers, 4 heads x 32, 2 KV heads, tied
-    embeddings, 256 positions), randomly initialised, with a tokenizer of about `vocab_size` tokens."""
+def build_llama(out_dir: str, *, seed: int = 0, vocab_size: int = 1024, hidden: int = 128, layers: int = 4,
+                kv_heads: int = 2):
+    """By default the r1-zero-tiny recipe's base model shape (Llama, hidden 128, 4 layers, heads of 32, 2 KV heads,
+    tied embeddings, 256 positions), randomly initialised, with a tokenizer of about `vocab_size` tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     os.makedirs(out_dir, exist_ok=True)
     tok = build_tokenizer(out_dir, vocab_size)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 32, num_key_value_heads=kv_heads, head_dim=32, max_position_embeddings=256,
                       tie_word_embeddings=True, rope_theta=10000.0, eos_token_id=tok.eos_token_id,
                       bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, torch_dtype="float32")
     torch.manual_seed(seed)
