@@ -97,6 +97,10 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
         opt, sched = make_optimizer(model, cfg, cfg.steps)
         state = checkpoint.load_state(last, opt, sched)
         start, cursor = state["step"], state["cursor"]
+        log_file = out_dir / "metrics.jsonl"  # drop lines of steps after the checkpoint: they are redone
+        if log_file.is_file():
+            kept = [l for l in log_file.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
+            log_file.write_text("".join(l + "\n" for l in kept))
         console.print(f"[grpo] resumed from {last} at step {start}")
     worker = make_worker(cfg.rollout, model, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
     if start > 0:
