@@ -193,7 +193,8 @@ if triton is not None:
         for k0 in range(0, H, BK):
             rk = k0 + tl.arange(0, BK)
             kmask = rk < H
-            xa = tl.load(x_ptr + tok[:, None] * stride_xm + rk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+            xa = tl.load(x_ptr + tok[:, None] * stride_xm + rk[None, :], mask=valid[:, None] & kmask[None, :],
+                         other=0.0)
             wmask = kmask[:, None] & nmask[None, :]
             wg = tl.load(w_base + rn[None, :] * stride_wn + rk[:, None] * stride_wk, mask=wmask, other=0.0)
             wu = tl.load(w_base + (rn[None, :] + I) * stride_wn + rk[:, None] * stride_wk, mask=wmask, other=0.0)
