@@ -9,6 +9,7 @@ bf16 MoE within 3e-2 of the fp32 reference relative to the output scale.
 import pytest
 import torch
 
+import grpo.kernels.moe as moe_mod
 from grpo.kernels.logprob import fused_logprob, logprob_reference
 from grpo.kernels.moe import _gmm_usable, align_blocks, moe_ffn, moe_ffn_triton
 from grpo.kernels.rmsnorm import rms_norm, rms_norm_reference
@@ -47,11 +48,14 @@ def _assert_close(got, want, atol, rtol):
 # ------------------------------------------------------------------ MoE
 
 
-@pytest.mark.parametrize("T,H,E,K,I,seed,gmm", [(37, 40, 5, 2, 20, 0, True), (53, 25, 7, 3, 19, 1, False)])
-def test_moe_torch_matches_reference(T, H, E, K, I, seed, gmm):
-    """Both grouped-GEMM engines: torch._grouped_mm (16-byte aligned rows) and the per-expert mm loop."""
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T,H,E,K,I,seed,aligned", [(37, 40, 5, 2, 20, 0, True), (53, 25, 7, 3, 19, 1, False)])
+def test_moe_torch_matches_reference(T, H, E, K, I, seed, aligned, threads, monkeypatch):
+    """All grouped-GEMM engines: torch._grouped_mm (1 thread, 16-byte aligned rows), the plain per-expert mm loop
+    (1 thread, unaligned), and the expert-parallel loop on 2 threads."""
+    monkeypatch.setattr(moe_mod, "EXPERT_THREADS", threads)
     inputs = _moe_inputs(T, H, E, K, I, seed)
-    assert _gmm_usable(inputs[0], inputs[3]) == (gmm and hasattr(torch, "_grouped_mm"))
+    assert _gmm_usable(inputs[0], inputs[3]) == (aligned and hasattr(torch, "_grouped_mm"))
     ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, [0, 2, 3, 4])
     got = _fwd_bwd(lambda *a: moe_ffn(*a, impl="torch"), inputs, [0, 2, 3, 4])
     _assert_close(got[0] + got[1], ref[0] + ref[1], atol=1e-4, rtol=1e-4)

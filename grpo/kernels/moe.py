@@ -11,6 +11,10 @@ Python. Dispatch: Triton on CUDA tensors (when triton imports), the sorted torch
 
 from __future__ import annotations
 
+import bisect
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 
@@ -72,10 +76,41 @@ def _gmm_usable(*ts) -> bool:
     return True
 
 
+EXPERT_THREADS: int | None = None  # CPU threads for the expert-parallel GEMM loop; None = torch.get_num_threads()
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): a forked child makes its own
+
+
+def _expert_parallel(fn, bounds, workers):
+    """Run fn(e) for every expert with rows, split into `workers` contiguous expert ranges of about equal rows,
+    each on its own thread (torch.mm releases the GIL). On CPU, independent single-stream GEMMs per thread beat
+    one GEMM at a time split across threads, above all on a shared machine; every expert writes its own rows."""
+    global _POOL
+    E = len(bounds) - 1
+    if workers <= 1:
+        for e in range(E):
+            if bounds[e + 1] > bounds[e]:
+                fn(e)
+        return
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
+        _POOL = (os.getpid(), workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="r1kit-moe"))
+    cuts = [0] + [bisect.bisect_left(bounds, bounds[-1] * w / workers, 0, E) for w in range(1, workers)] + [E]
+
+    def run(lo, hi):
+        with torch.no_grad():  # worker threads start with grad mode on; out= GEMMs must not be recorded
+            for e in range(lo, hi):
+                if bounds[e + 1] > bounds[e]:
+                    fn(e)
+
+    for f in [_POOL[2].submit(run, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]:
+        f.result()
+
+
 def grouped_mm(a, b, offsets, bounds):
     """Per-expert GEMMs over sorted row groups (offsets[E+1] tensor, bounds the same as a list):
-    b 3-D: 'sk,ekn->sn' (each row group times its expert's matrix); b 2-D: 'ks,sn->ekn' (a[:, group] @ b[group])."""
-    if _gmm_usable(a, b):
+    b 3-D: 'sk,ekn->sn' (each row group times its expert's matrix); b 2-D: 'ks,sn->ekn' (a[:, group] @ b[group]).
+    CPU with several threads: expert-parallel mm loop; else torch._grouped_mm when usable; else a plain loop."""
+    workers = (EXPERT_THREADS or torch.get_num_threads()) if a.device.type == "cpu" else 1
+    if workers <= 1 and _gmm_usable(a, b):
         try:
             return torch._grouped_mm(a, b, offs=offsets[1:].to(torch.int32))
         except (RuntimeError, NotImplementedError):  # e.g. a CUDA arch or dtype grouped_mm lacks
@@ -83,14 +118,12 @@ def grouped_mm(a, b, offsets, bounds):
     E = len(bounds) - 1
     if b.dim() == 3:
         out = torch.empty(a.shape[0], b.shape[2], dtype=a.dtype, device=a.device)
-        for e in range(E):
-            if bounds[e + 1] > bounds[e]:
-                torch.mm(a[bounds[e] : bounds[e + 1]], b[e], out=out[bounds[e] : bounds[e + 1]])
+        _expert_parallel(lambda e: torch.mm(a[bounds[e] : bounds[e + 1]], b[e], out=out[bounds[e] : bounds[e + 1]]),
+                         bounds, workers)
         return out
     out = torch.zeros(E, a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
-    for e in range(E):
-        if bounds[e + 1] > bounds[e]:
-            torch.mm(a[:, bounds[e] : bounds[e + 1]], b[bounds[e] : bounds[e + 1]], out=out[e])
+    _expert_parallel(lambda e: torch.mm(a[:, bounds[e] : bounds[e + 1]], b[bounds[e] : bounds[e + 1]], out=out[e]),
+                     bounds, workers)
     return out
 
 
