@@ -121,7 +121,10 @@ def grouped_mm(a, b, offsets, bounds):
         _expert_parallel(lambda e: torch.mm(a[bounds[e] : bounds[e + 1]], b[e], out=out[bounds[e] : bounds[e + 1]]),
                          bounds, workers)
         return out
-    out = torch.zeros(E, a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    out = torch.empty(E, a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    for e in range(E):
+        if bounds[e + 1] == bounds[e]:
+            out[e].zero_()  # an expert with no rows gets a zero gradient; the rest is overwritten below
     _expert_parallel(lambda e: torch.mm(a[:, bounds[e] : bounds[e + 1]], b[bounds[e] : bounds[e + 1]], out=out[e]),
                      bounds, workers)
     return out
