@@ -1,6 +1,6 @@
 """`language`: DeepSeek-R1's language-consistency reward, the share of target-language words in the chain of thought.
 
-Choices (deterministic; documented in docs/rewards.md):
+Choices (deterministic; documented in the README, section "language"):
 - The text scored is the chain of thought (inside <think>; the whole completion minus <answer> blocks when
   there are no think tags).
 - Removed before counting: code (``` blocks, `inline`), LaTeX ($..$, $$..$$, \\(..\\), \\[..\\], \\commands),

@@ -1,7 +1,7 @@
 """Local code sandbox: run an untrusted Python program against test inputs and return its outputs.
 
 Written here rather than taken from a library because isolation is the product and must be tested as such.
-Layers, strongest available first (see docs/rewards.md for exactly what holds on each):
+Layers, strongest available first (see the README, "code and the sandbox", for exactly what holds on each):
   bwrap   bubblewrap present: new user/pid/net/ipc/uts/mount namespaces; only /usr, /lib*, /bin, the Python
           prefix (read-only) and the run's directory (read-write) exist; all capabilities dropped.
   chroot  root without bubblewrap: `unshare` pid/net/ipc/uts/mount namespaces and a private tmpfs root holding

