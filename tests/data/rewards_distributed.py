@@ -3,6 +3,7 @@ answers with the accuracy reward, checks each returns 0 in under 2 s, then takes
 the step continues. Prints one JSON line per rank."""
 
 import json
+import os
 import sys
 import time
 
@@ -36,8 +37,9 @@ def main() -> None:
     acc.backward(loss)
     opt.step()
     total = acc.gather(reward).sum().item()
-    print(json.dumps({"rank": acc.process_index, "n": acc.num_processes, "walls": walls, "scores": scores,
-                      "gathered": total}), flush=True)
+    line = json.dumps({"rank": acc.process_index, "n": acc.num_processes, "walls": walls, "scores": scores,
+                       "gathered": total}) + "\n"
+    os.write(1, line.encode())  # one write of < PIPE_BUF bytes: the two ranks' lines cannot interleave on the pipe
     acc.wait_for_everyone()
     sys.exit(0)
 
