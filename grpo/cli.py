@@ -19,13 +19,15 @@ from grpo.config import ConfigError, GRPOConfig, RecipeConfig, load_recipe, load
 
 def preflight(sections) -> None:
     """Checks that need no model: templates compile, rewards resolve, the rollout engine is installed."""
+    import jinja2
+
     import rewards
     from grpo import templates
 
     for sec in sections:
         try:
             templates.check(sec.template)
-        except (FileNotFoundError, jinja_errors()) as e:
+        except (FileNotFoundError, jinja2.TemplateError) as e:
             raise ConfigError(f"template: {e}") from None
         for r in getattr(sec, "rewards", []):
             try:
@@ -41,12 +43,6 @@ def preflight(sections) -> None:
                 check_vllm()
             except (ImportError, RuntimeError) as e:
                 raise ConfigError(f"rollout: vllm: {e}") from None
-
-
-def jinja_errors():
-    import jinja2
-
-    return jinja2.TemplateError
 
 
 def _run(args) -> int:

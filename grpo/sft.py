@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from grpo import checkpoint
-from grpo.config import OptimFields, SFTConfig
+from grpo.config import OptimFields, SFTConfig, TokenizerConfig
 from grpo.data import load_rows
 from grpo.data.tokenizer import train_bpe
 from grpo.models import hf
@@ -97,7 +97,7 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
         for r in rows:
             p = render(cfg.template, r["prompt"])
             texts += [p, join(p, r["completion"])]
-        tokenizer = train_bpe(texts, (cfg.train_tokenizer or _default_tok()).vocab_size)
+        tokenizer = train_bpe(texts, (cfg.train_tokenizer or TokenizerConfig()).vocab_size)
         model = hf.build_from_config(cfg.init, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.seed)
         console.print(f"[sft] built {cfg.init.get('model_type')} from config: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {len(tokenizer)}")
     else:
@@ -130,8 +130,3 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
             bar.update(task, advance=1, info=f"loss {m['loss']:.3f}")
     return checkpoint.save(out_dir / "final", model, tokenizer)
 
-
-def _default_tok():
-    from grpo.config import TokenizerConfig
-
-    return TokenizerConfig()
