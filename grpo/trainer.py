@@ -61,14 +61,18 @@ def policy_logprobs(model, batch: dict, rows: slice, temperature: float) -> tupl
     return algo.token_logprobs(logits, batch["completion_ids"][rows], temperature)
 
 
+def micro_slices(B: int, size: int) -> list[slice]:
+    """Row slices of at most `size` covering a batch of B."""
+    return [slice(s, min(s + size, B)) for s in range(0, B, size)]
+
+
 def backward_batch(model, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: GRPOConfig) -> dict[str, float]:
     """Accumulate the gradient of the whole batch's GRPO loss, micro-batch by micro-batch (the micro-batch
     losses are weighted so that they add up to the full-batch loss for every loss_type); returns metrics."""
     mask = batch["completion_mask"]
     B, n_tok = mask.shape[0], mask.sum()
     agg: dict[str, float] = {"loss": 0.0}
-    for s in range(0, B, cfg.micro_batch_size):
-        m = slice(s, min(s + cfg.micro_batch_size, B))
+    for m in micro_slices(B, cfg.micro_batch_size):
         # under DDP, all-reduce gradients once, on the last micro-batch
         sync = contextlib.nullcontext() if m.stop == B or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
@@ -190,7 +194,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             # 3. log-probs: reference (frozen) and old (for num_iterations > 1), then the clipped update(s)
             batch = build_batch([prompt_ids[i] for i in idx], comps, tok.pad_token_id)
             B = len(comps)
-            micro = [slice(s, min(s + cfg.micro_batch_size, B)) for s in range(0, B, cfg.micro_batch_size)]
+            micro = micro_slices(B, cfg.micro_batch_size)
             with torch.no_grad():
                 ref_lp = torch.cat([policy_logprobs(ref, batch, m, sp.temperature)[0] for m in micro]) if ref is not None else None
                 old_lp = torch.cat([policy_logprobs(policy, batch, m, sp.temperature)[0] for m in micro]) if cfg.num_iterations > 1 else None

@@ -37,7 +37,8 @@ def _read_source(cfg: DataConfig) -> tuple[list[dict], str]:
         import datasets
 
         name = src[3:]
-        ds = datasets.load_from_disk(name) if Path(name).is_dir() and (Path(name) / "dataset_info.json").exists() or (Path(name) / "state.json").exists() else datasets.load_dataset(name, split=cfg.split)
+        saved = Path(name).is_dir() and any((Path(name) / f).exists() for f in ("dataset_info.json", "state.json"))
+        ds = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, split=cfg.split)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[cfg.split]
         return [dict(r) for r in ds], src
