@@ -6,8 +6,9 @@ prompt's cache rows are then repeated n times for the group. Decoding writes key
 are compacted out of the batch once a quarter of it is done, so they stop costing compute. Finished slots are not
 refilled with new prompts mid-flight (no full continuous batching); the next length bucket starts afterwards.
 
-Sampling draws Gumbel noise from a counter-based SplitMix64 stream keyed by (request seed, step, token), so sample
-j of prompt i (seed `request_seed(sampling.seed, i*n + j)`) is the same whatever it was batched with.
+Sampling is the inverse CDF of the filtered softmax at one uniform per row and step, drawn from a counter-based
+SplitMix64 stream keyed by (request seed, step), so sample j of prompt i (seed `request_seed(sampling.seed, i*n + j)`)
+is the same whatever it was batched with.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -38,38 +40,45 @@ def _mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _srl(x, 31)
 
 
-def uniform_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """keys [B] int64 -> U(0,1) [B, V] float32 (24 random bits): element v of step s is SplitMix64 output number
-    s*V+v of the key. Tokens below ~4e-8 probability can't be drawn (Gumbel noise caps at ~17.3)."""
-    counter = step * vocab + torch.arange(vocab, device=keys.device)
-    x = _mix64(keys[:, None] + (counter[None, :] + 1) * _GOLDEN)
+def uniform(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """keys [B] int64 -> U(0,1) [B] float32 (24 random bits): output number `step` of each key's SplitMix64
+    stream, so a request's draws depend only on its seed and the step, never on what it is batched with."""
+    x = _mix64(keys + torch.tensor(step + 1, dtype=torch.int64, device=keys.device) * _GOLDEN)
     return (_srl(x, 40).float() + 0.5) * 2.0**-24
 
 
 def sample_next(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None = None,
-                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] -> (token [B], behaviour logprob [B] under softmax(logits / T), before top-k/top-p).
-    Temperature 0 is greedy (log-probs then at T=1, as vLLM reports them). `noise` (U(0,1) [B, V]) samples by
-    Gumbel-max; without it torch.multinomial draws from `generator`."""
+    Temperature 0 is greedy (log-probs then at T=1, as vLLM reports them). With `u` (U(0,1) [B]) the draw is the
+    inverse CDF of the filtered softmax at u: one random number per row instead of Gumbel noise over the whole
+    vocabulary; without it torch.multinomial draws from `generator`."""
     if sampling.temperature <= 0:
         logp = torch.log_softmax(logits.float(), dim=-1)
         tok = logits.argmax(-1)
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
     scaled = logits.float() / sampling.temperature
     logp = torch.log_softmax(scaled, dim=-1)  # [B, V]
-    filt = scaled
-    if sampling.top_k is not None and 0 < sampling.top_k < filt.shape[-1]:
-        kth = torch.topk(filt, sampling.top_k, dim=-1).values[:, -1:]  # [B, 1]
-        filt = filt.masked_fill(filt < kth, float("-inf"))
+    keep = None  # [B, V] bool, the top-k / top-p set; None: every token
+    if sampling.top_k is not None and 0 < sampling.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, sampling.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        keep = scaled >= kth
     if sampling.top_p < 1.0:
+        filt = scaled if keep is None else scaled.masked_fill(~keep, float("-inf"))
         sorted_logits, order = torch.sort(filt, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = probs.cumsum(-1) - probs > sampling.top_p  # keep the smallest prefix whose mass reaches top_p
-        filt = filt.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    if noise is not None:
-        tok = (filt - torch.log(-torch.log(noise))).argmax(-1)  # Gumbel-max: exact softmax(filt) draw
+        keep = torch.ones_like(scaled, dtype=torch.bool).scatter(-1, order, ~drop & (sorted_logits > float("-inf")))
+    probs = logp.exp() if keep is None else logp.exp().masked_fill(~keep, 0.0)  # unnormalised is fine below
+    if u is None:
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
     else:
-        tok = torch.multinomial(torch.softmax(filt, dim=-1), 1, generator=generator).squeeze(-1)  # [B]
+        cdf = probs.cumsum(-1)  # [B, V]; CPU cumsum accumulates in double
+        total = cdf[:, -1:].contiguous()  # [B, 1]
+        # first token whose cdf exceeds u * total (a positive-probability token); the min guards the rounding of
+        # u * total up to total, by the last token that raised the cdf
+        tok = torch.minimum(torch.searchsorted(cdf, u[:, None] * total, right=True),
+                            torch.searchsorted(cdf, total)).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -225,6 +234,7 @@ class NativeWorker:
         B = P * n
         rep = torch.arange(P, device=device).repeat_interleave(n)  # batch row -> prompt
         cache = _make_cache(self.model, L + T, rep)  # buffered layers expand to the n copies while prefilling
+        buffered = cache is not None
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
                          logits_to_keep=1)
         if cache is None:
@@ -233,6 +243,10 @@ class NativeWorker:
                 cache.batch_select_indices(rep)
         logits = out.logits[:, -1][rep]  # [B, V]
         attn, next_pos = attn[rep], pos[rep, -1:] + 1  # [B, L], [B, 1]
+        if buffered:  # a ready 4D additive mask [B, 1, 1, L+T] (-inf on left padding), sliced each step:
+            # transformers passes a 4D mask through as it is instead of building one every step
+            bias = torch.zeros((B, 1, 1, L + T), dtype=next(self.model.parameters()).dtype, device=device)
+            attn = bias.masked_fill_(F.pad(attn == 0, (0, T))[:, None, None], float("-inf"))
         keys = seeds.to(device)  # one SplitMix64 stream per request
         rows = torch.arange(B, device=device)  # batch row -> request
         live = torch.ones(B, dtype=torch.bool, device=device)  # per batch row: still generating
@@ -243,7 +257,7 @@ class NativeWorker:
         eos = torch.tensor(sorted(self.eos_ids) or [-1], device=device)
         stops, tail = sampling.stop or [], max((len(s) for s in sampling.stop or []), default=0) + 2
         for step in range(T):
-            tok, lp = sample_next(logits, sampling, noise=uniform_noise(keys[rows], step, logits.shape[-1]))
+            tok, lp = sample_next(logits, sampling, u=uniform(keys[rows], step))
             toks[rows, step], lps[rows, step] = tok, lp
             done = torch.isin(tok, eos) & live
             if stops:
@@ -262,8 +276,9 @@ class NativeWorker:
                 keep = live.nonzero().flatten()
                 cache.batch_select_indices(keep)
                 rows, attn, next_pos, tok, live = rows[keep], attn[keep], next_pos[keep], tok[keep], live[keep]
-            attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
-            out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+            mask = attn[..., :L + step + 1] if buffered else torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
+            attn = attn if buffered else mask
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
                              use_cache=True)
             cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
         toks_l, lps_l, len_l = toks.tolist(), lps.tolist(), length.tolist()
