@@ -1,8 +1,9 @@
 """DeepSeek-V3-style language model in one file: MLA attention, DeepSeekMoE, multi-token prediction.
 
-Trainable (full-sequence logits, loss, gradient checkpointing, aux-loss-free bias update, MTP loss) and
-checkpoint-compatible: `save_pretrained` writes an HF directory that transformers' DeepseekV3ForCausalLM and
-vLLM load; `from_pretrained` reads HF DeepSeek-V2/V3 checkpoints (per-expert keys, fp32 router bias).
+Trainable (full-sequence logits; main and MTP losses from hidden states through fused_logprob, no [N,V] logits
+in them; gradient checkpointing, aux-loss-free bias update) and checkpoint-compatible: `save_pretrained` writes
+an HF directory that transformers' DeepseekV3ForCausalLM and vLLM load; `from_pretrained` reads HF
+DeepSeek-V2/V3 checkpoints (per-expert keys, fp32 router bias).
 
 Simplifications against the DeepSeek-V3 paper/reference: no FP8, no tensor/expert parallelism, bf16/fp32 only;
 the MTP modules share the main embedding and output head while training (they are copied out on save).
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from grpo.kernels.logprob import fused_logprob  # log-probs from hidden states, streamed over vocab chunks
 from grpo.kernels.moe import moe_ffn  # sorted grouped-GEMM experts: Triton on CUDA, torch elsewhere
 from grpo.kernels.rmsnorm import rms_norm  # fp32-statistics RMSNorm: Triton on CUDA, torch elsewhere
 
@@ -438,9 +440,12 @@ class CausalLMOutput:
     mtp_loss: torch.Tensor | None = None
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits [B,S,V] at i predict labels[:, i+1]; -100 is ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+def causal_lm_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of the head weight [V,D] over hidden states h [B,S,D] (h at i predicts
+    labels[:, i+1]; -100 is ignored), through fused_logprob: no [B,S,V] logits in forward or backward."""
+    targets = labels[:, 1:].flatten()  # [B*(S-1)]
+    logp, _ = fused_logprob(h[:, :-1].flatten(0, 1), weight, targets)
+    return -logp.sum() / (targets >= 0).sum()
 
 
 class Backbone(nn.Module):
@@ -537,6 +542,18 @@ class DeepseekForCausalLM(nn.Module):
             layer.mlp.load += torch.bincount(layer.mlp.last_topk_ids.flatten(),
                                              minlength=self.config.n_routed_experts).float()
 
+    def hidden(self, input_ids, attention_mask, position_ids, cache=None) -> torch.Tensor:
+        """input_ids, position_ids [B,S]; attention_mask [B,past+S] or None -> final normed hidden states [B,S,D]:
+        what the LM head reads (forward, and fused log-probs that never form the logits)."""
+        B, S = input_ids.shape
+        x = self.model.embed_tokens(input_ids)  # [B,S,D]
+        cos, sin = self.rope(position_ids, x.dtype)
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = attention_mask_3d(attention_mask, B, S, past, x.device)  # [B,S,T]
+        for layer in self.model.layers:
+            x = self.run_layer(layer, x, cos, sin, mask, cache)
+        return self.model.norm(x)
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 labels=None, logits_to_keep=0, **_) -> CausalLMOutput:
         """input_ids [B,S]; attention_mask [B,past+S] (1 = real token, left padding ok); position_ids [B,S];
@@ -547,36 +564,32 @@ class DeepseekForCausalLM(nn.Module):
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (past + torch.arange(S, device=input_ids.device))[None].expand(B, S)
-        x = self.model.embed_tokens(input_ids)  # [B,S,D]
-        cos, sin = self.rope(position_ids, x.dtype)
-        mask = attention_mask_3d(attention_mask, B, S, past, x.device)  # [B,S,T]
-        for layer in self.model.layers:
-            x = self.run_layer(layer, x, cos, sin, mask, cache)
-        h = self.model.norm(x)  # [B,S,D]
+        h = self.hidden(input_ids, attention_mask, position_ids, cache)  # [B,S,D]
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(h[:, keep])
         out = CausalLMOutput(logits=logits, past_key_values=cache if use_cache else None)
         aux = [l.mlp.aux_loss for l in self.model.layers if isinstance(l.mlp, MoE) and l.mlp.aux_loss is not None]
-        if aux:  # training with aux_loss_alpha > 0: a caller with its own loss (GRPO) adds out.aux_loss itself
+        if aux:  # training with aux_loss_alpha > 0: a caller with its own loss may add out.aux_loss (GRPO does not)
             out.aux_loss = torch.stack(aux).sum()
         if labels is None:
             return out
-        out.loss = causal_lm_loss(logits, labels[:, keep] if logits_to_keep else labels)
+        out.loss = causal_lm_loss(h[:, keep], self.lm_head.weight, labels[:, keep] if logits_to_keep else labels)
         if out.aux_loss is not None:
             out.loss = out.loss + out.aux_loss
         if self.mtp:
             # depth k sees hidden h^{k-1}_i and token t_{i+k}; its logits at i predict t_{i+k+1}
             mtp_losses, h_prev = [], h
+            cos, sin = self.rope(position_ids, h.dtype)
             for k, module in enumerate(self.mtp, start=1):
                 if S - k < 2:
                     break
                 pos = position_ids[:, :S - k]
                 emb = self.model.embed_tokens(input_ids[:, k:])
                 am = attention_mask[:, -S:][:, :S - k] if attention_mask is not None else None
-                m = attention_mask_3d(am, B, S - k, 0, x.device)
+                m = attention_mask_3d(am, B, S - k, 0, h.device)
                 h_prev = module(emb, h_prev[:, :S - k], pos, cos[:, :S - k], sin[:, :S - k], m)
                 self.count_load(module.block)
-                mtp_losses.append(causal_lm_loss(self.lm_head(h_prev), labels[:, k:]))
+                mtp_losses.append(causal_lm_loss(h_prev, self.lm_head.weight, labels[:, k:]))
             if mtp_losses:
                 out.mtp_loss = torch.stack(mtp_losses).mean()
                 out.loss = out.loss + cfg.mtp_loss_weight * out.mtp_loss
