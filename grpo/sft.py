@@ -21,7 +21,9 @@ from grpo import checkpoint
 from grpo.config import OptimFields, SFTConfig, TokenizerConfig
 from grpo.data import load_rows
 from grpo.data.tokenizer import train_bpe
-from grpo.models import hf
+from grpo.logprobs import final_hidden, fusable
+from grpo.models import DeepseekForCausalLM, hf
+from grpo.models.deepseek import causal_lm_loss
 from grpo.templates import render
 
 
@@ -81,9 +83,15 @@ def collate(pairs, pad_id: int, loss_on: str) -> dict[str, torch.Tensor]:
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled tokens, as the model computes it from `labels` (for r1kit's
-    DeepSeek model this includes the lambda-weighted MTP loss and any balance loss)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    """Mean next-token cross-entropy over labelled tokens. From the final hidden states through fused_logprob
+    (no [B, L, V] logits) where the head allows; r1kit's DeepSeek model computes it itself (fused inside, plus the
+    lambda-weighted MTP loss and any balance loss), and other heads keep the model's own `labels` loss."""
+    if isinstance(model, DeepseekForCausalLM) or not fusable(model):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    ids = batch["input_ids"]
+    positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)  # right padding: the defaults
+    h = final_hidden(model, ids, batch["attention_mask"], positions)  # [B, L, D]
+    return causal_lm_loss(h, model.get_output_embeddings().weight, batch["labels"])
 
 
 def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Console | None = None) -> Path:

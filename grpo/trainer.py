@@ -1,11 +1,13 @@
 """GRPO stage: sample G completions per prompt, score them, normalise rewards within each group, and take a
 clipped-ratio policy-gradient step with a k3 KL penalty against a frozen reference; then sync the sampler.
 
-Data parallel: under `torchrun` (WORLD_SIZE > 1) accelerate wraps the policy in DDP; `prompts_per_step` is the
-global batch, split evenly over ranks, each rank samples and scores whole groups of its own prompts, gradients
-are averaged, and rank 0 logs and saves. Simplifications: the reference model is a frozen copy of the starting
-policy; with num_iterations == 1 the "old" log-probs are the current ones detached (ratio == 1, as in TRL),
-otherwise they are computed once before the updates; token-level loss types normalise per rank.
+Log-probs come from the policy's hidden states through fused_logprob (grpo/logprobs.py: no [b, Lc, V] logits).
+Data parallel: under `torchrun` (WORLD_SIZE > 1) accelerate wraps that scorer module, policy inside, in DDP, so
+the loss forward runs through DDP and the gradients are averaged; `prompts_per_step` is the global batch, split
+evenly over ranks, each rank samples and scores whole groups of its own prompts, and rank 0 logs and saves.
+Simplifications: the reference model is a frozen copy of the starting policy; with num_iterations == 1 the "old"
+log-probs are the current ones detached (ratio == 1, as in TRL), otherwise they are computed once before the
+updates; token-level loss types normalise per rank; r1kit's DeepSeek balance loss (aux_loss) is not added.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import rewards as reward_lib
 from grpo import algo, checkpoint
 from grpo.config import GRPOConfig
 from grpo.data import load_rows
+from grpo.logprobs import TokenLogprobs
 from grpo.models import hf
 from grpo.rollout import SamplingParams, make_worker
 from grpo.sft import make_optimizer, progress
@@ -53,12 +56,11 @@ def build_batch(prompt_ids: list[list[int]], comps, pad_id: int) -> dict[str, to
             "behaviour_logprobs": behaviour}
 
 
-def policy_logprobs(model, batch: dict, rows: slice, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs and entropies [b, Lc] of the completion tokens of batch[rows]."""
-    Lp = batch["prompt_len"]
-    logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
-                   position_ids=batch["position_ids"][rows]).logits[:, Lp - 1: -1]  # [b, Lc, V]
-    return algo.token_logprobs(logits, batch["completion_ids"][rows], temperature)
+def policy_logprobs(scorer, batch: dict, rows: slice, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies [b, Lc] of the completion tokens of batch[rows]; scorer: a TokenLogprobs
+    around the model (or DDP around one)."""
+    return scorer(batch["input_ids"][rows], batch["attention_mask"][rows], batch["position_ids"][rows],
+                  batch["completion_ids"][rows], batch["prompt_len"], temperature)
 
 
 def micro_slices(B: int, size: int) -> list[slice]:
@@ -66,7 +68,7 @@ def micro_slices(B: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, B)) for s in range(0, B, size)]
 
 
-def backward_batch(model, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: GRPOConfig) -> dict[str, float]:
+def backward_batch(scorer, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: GRPOConfig) -> dict[str, float]:
     """Accumulate the gradient of the whole batch's GRPO loss, micro-batch by micro-batch (the micro-batch
     losses are weighted so that they add up to the full-batch loss for every loss_type); returns metrics."""
     mask = batch["completion_mask"]
@@ -74,9 +76,9 @@ def backward_batch(model, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: G
     agg: dict[str, float] = {"loss": 0.0}
     for m in micro_slices(B, cfg.micro_batch_size):
         # under DDP, all-reduce gradients once, on the last micro-batch
-        sync = contextlib.nullcontext() if m.stop == B or not hasattr(model, "no_sync") else model.no_sync()
+        sync = contextlib.nullcontext() if m.stop == B or not hasattr(scorer, "no_sync") else scorer.no_sync()
         with sync:
-            lp, ent = policy_logprobs(model, batch, m, cfg.sampling.temperature)
+            lp, ent = policy_logprobs(scorer, batch, m, cfg.sampling.temperature)
             loss, mets = algo.grpo_loss(lp, old_lp[m] if old_lp is not None else lp.detach(), ref_lp[m] if ref_lp is not None else None,
                                         adv[m], mask[m], epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
                                         loss_type=cfg.loss_type, max_len=mask.shape[1])
@@ -92,7 +94,9 @@ def backward_batch(model, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: G
 
 
 def _distributed(model, opt):
-    """Under torchrun: (DDP-wrapped model, optimizer, rank, world size) through accelerate; else unchanged."""
+    """Under torchrun: (DDP-wrapped model, optimizer, rank, world size) through accelerate; else unchanged.
+    Gradients all-reduce only for parameters used inside the wrapped module's forward: wrap the module that runs
+    the whole loss forward (the TokenLogprobs scorer), never call its inner model directly for the loss."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return model, opt, 0, 1
     from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -141,7 +145,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
     reward_set = reward_lib.RewardSet.from_specs([r.model_dump() for r in cfg.rewards])
     rows = load_rows(cfg.data)
     model, tok = hf.load(model_path)
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None  # the starting policy, frozen
+    ref = TokenLogprobs(copy.deepcopy(model).eval().requires_grad_(False)) if cfg.beta > 0 else None  # the starting policy, frozen
     opt, sched = make_optimizer(model, cfg, cfg.steps)
     start, cursor = 0, 0
     last = out_dir / "last"
@@ -155,8 +159,9 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             kept = [l for l in log_file.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
             log_file.write_text("".join(l + "\n" for l in kept))
         console.print(f"[grpo] resumed from {last} at step {start}")
-    policy = model  # the plain module: sampling, checkpoints and weight pushes use it; `model` may be DDP-wrapped
-    model, opt, rank, world = _distributed(model, opt)
+    policy = model  # the plain module: sampling, checkpoints and weight pushes use it
+    local = TokenLogprobs(policy)  # fused log-probs from the policy's hidden states (grpo/logprobs.py)
+    scorer, opt, rank, world = _distributed(local, opt)  # DDP wraps the scorer: its forward is what backward runs
     if cfg.prompts_per_step % world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide evenly over {world} processes")
     main = rank == 0
@@ -170,7 +175,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
     sp = cfg.sampling
     columns_keys = [k for k in rows[0] if k != "prompt"]
     G, P = cfg.group_size, cfg.prompts_per_step // world  # P: this rank's prompts per step
-    model.train()
+    scorer.train()
     log = open(out_dir / "metrics.jsonl", "a" if start else "w") if main else open(os.devnull, "w")
     with log, progress(console) if main else contextlib.nullcontext() as bar:
         task = bar.add_task("grpo", total=cfg.steps, completed=start, info="") if main else None
@@ -197,12 +202,12 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             micro = micro_slices(B, cfg.micro_batch_size)
             with torch.no_grad():
                 ref_lp = torch.cat([policy_logprobs(ref, batch, m, sp.temperature)[0] for m in micro]) if ref is not None else None
-                old_lp = torch.cat([policy_logprobs(policy, batch, m, sp.temperature)[0] for m in micro]) if cfg.num_iterations > 1 else None
+                old_lp = torch.cat([policy_logprobs(local, batch, m, sp.temperature)[0] for m in micro]) if cfg.num_iterations > 1 else None
             agg: dict[str, float] = {}
             for _ in range(cfg.num_iterations):
-                for k, v in backward_batch(model, batch, adv, old_lp, ref_lp, cfg).items():
+                for k, v in backward_batch(scorer, batch, adv, old_lp, ref_lp, cfg).items():
                     agg[k] = agg.get(k, 0.0) + v / cfg.num_iterations
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if hasattr(policy, "update_expert_bias"):  # DeepSeek-V3 aux-loss-free balancing

@@ -51,6 +51,7 @@ def test_grpo_smoke_updates_weights_and_checkpoint_reloads(base, tmp_path):
 
 def test_micro_batching_does_not_change_the_gradient(base):
     """Same rollouts, micro-batches of 16 (whole batch) vs 3: the same gradient, for every loss type."""
+    from grpo.logprobs import TokenLogprobs
     from grpo.models import hf
     from grpo.rollout import SamplingParams
     from grpo.rollout.native import NativeWorker
@@ -63,13 +64,14 @@ def test_micro_batching_does_not_change_the_gradient(base):
         c.token_ids, c.logprobs = c.token_ids[: 3 + i % 9], c.logprobs[: 3 + i % 9]
     batch = trainer.build_batch(ids, comps, tok.pad_token_id)
     adv = torch.linspace(-1, 2, 16)
+    scorer = TokenLogprobs(model)
     with torch.no_grad():
-        ref = trainer.policy_logprobs(model, batch, slice(0, 16), 1.0)[0] - 0.05
+        ref = trainer.policy_logprobs(scorer, batch, slice(0, 16), 1.0)[0] - 0.05
     for loss_type in ("grpo", "bnpo", "dr_grpo"):
         grads, losses = [], []
         for mb in (16, 3):
             model.zero_grad()
-            m = trainer.backward_batch(model, batch, adv, None, ref, _cfg(loss_type=loss_type, micro_batch_size=mb))
+            m = trainer.backward_batch(scorer, batch, adv, None, ref, _cfg(loss_type=loss_type, micro_batch_size=mb))
             grads.append([p.grad.clone() for p in model.parameters()])
             losses.append(m["loss"])
         assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from grpo.logprobs import TokenLogprobs
 from grpo.models import hf
 from grpo.rollout import SamplingParams
 from grpo.rollout.native import NativeWorker, sample_next
@@ -45,7 +46,7 @@ def test_behaviour_logprobs_match_trainer(tiny):
     comps = NativeWorker(model, tok, max_batch_size=5).generate(ids, 4, sp)  # chunking across prompts too
     batch = build_batch(ids, comps, tok.pad_token_id)
     with torch.no_grad():
-        lp, _ = policy_logprobs(model, batch, slice(0, len(comps)), sp.temperature)
+        lp, _ = policy_logprobs(TokenLogprobs(model), batch, slice(0, len(comps)), sp.temperature)
     for i, c in enumerate(comps):
         assert torch.allclose(lp[i, : len(c.logprobs)], torch.tensor(c.logprobs), atol=1e-4), i
 

@@ -1,0 +1,61 @@
+"""Per-token log-probs of a causal LM straight from its final hidden states through `fused_logprob`, so that GRPO
+(policy, reference and old log-probs) and the SFT loss never hold [b, L, V] logits, where the model's head allows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from grpo import algo
+from grpo.kernels.logprob import fused_logprob
+from grpo.models import DeepseekForCausalLM
+
+# Config keys with which transformers 5.19 changes the logits after the LM head (Gemma-2/3 tanh softcap, Cohere
+# logit_scale, Granite/MiniCPM3 logits_scaling, Falcon-H1 lm_head_multiplier, ...): hidden @ W.T is not the logits.
+HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                   "output_multiplier")
+
+
+def fusable(lm: nn.Module) -> bool:
+    """True when the logits are exactly final_hidden(lm) @ head.weight.T: a plain bias-free nn.Linear head and no
+    head transform in the config; other models keep the logits path (fused_logprob would give other numbers)."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.bias is not None:
+        return False
+    if not isinstance(lm, DeepseekForCausalLM) and lm.get_decoder() is lm:  # no separate backbone to run
+        return False
+    configs = [lm.config, lm.config.get_text_config()] if hasattr(lm.config, "get_text_config") else [lm.config]
+    return not any(getattr(c, k, None) is not None for c in configs for k in HEAD_TRANSFORMS)
+
+
+def final_hidden(lm: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """[b, L, D]: the backbone's output after the final norm, i.e. what the LM head reads (no head run)."""
+    if isinstance(lm, DeepseekForCausalLM):
+        return lm.hidden(input_ids, attention_mask, position_ids)
+    return lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
+
+
+class TokenLogprobs(nn.Module):
+    """Wraps a causal LM to score given tokens. GRPO hands this module (not the LM) to DDP, so the backbone and
+    the fused head both run inside DDP's forward and their gradients are all-reduced."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.fused = fusable(lm)
+
+    def forward(self, input_ids, attention_mask, position_ids, targets, start: int, temperature: float):
+        """input_ids, attention_mask, position_ids [b, L]; targets [b, L - start]: the tokens at columns start..L-1
+        -> (log p(target) [b, L - start], entropy [b, L - start]) under softmax(logits / temperature). Targets < 0
+        give logp 0. The entropy is detached (a metric, kept out of the gradient)."""
+        if not self.fused:
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids).logits[:, start - 1: -1]  # [b, L - start, V]
+            logp, entropy = algo.token_logprobs(logits, targets.clamp_min(0), temperature)
+            return torch.where(targets >= 0, logp, 0.0), entropy
+        h = final_hidden(self.lm, input_ids, attention_mask, position_ids)[:, start - 1: -1]  # [b, L - start, D]
+        logp, entropy = fused_logprob(h.flatten(0, 1), self.lm.get_output_embeddings().weight, targets.flatten(),
+                                      temperature)
+        return logp.view_as(targets), entropy.detach().view_as(targets)
