@@ -61,81 +61,62 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# fast torch path: one autograd.Function over sorted rows; grouped GEMMs via torch._grouped_mm or a per-expert loop
+# fast torch path: one autograd.Function; each expert's rows go gather -> GEMM -> SwiGLU -> GEMM -> scatter-add in
+# one go, so its [n, 2I] / [n, H] intermediates stay in cache, and experts run in parallel on CPU threads
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _gmm_usable(*ts) -> bool:
-    """torch._grouped_mm wants fp32/bf16 and 16-byte aligned pointers and strides; else we loop over experts."""
-    if not hasattr(torch, "_grouped_mm") or ts[0].dtype not in (torch.float32, torch.bfloat16):
-        return False
-    for t in ts:
-        size = t.element_size()
-        if t.data_ptr() % 16 or any(st != 1 and st * size % 16 for st in t.stride()):
-            return False
-    return True
-
-
-EXPERT_THREADS: int | None = None  # CPU threads for the expert-parallel GEMM loop; None = torch.get_num_threads()
+EXPERT_THREADS: int | None = None  # CPU threads for the expert loop; None = torch.get_num_threads()
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): a forked child makes its own
 
 
-def _expert_parallel(fn, bounds, workers):
-    """Run fn(e) for every expert with rows, split into `workers` contiguous expert ranges of about equal rows,
-    each on its own thread (torch.mm releases the GIL). On CPU, independent single-stream GEMMs per thread beat
-    one GEMM at a time split across threads, above all on a shared machine; every expert writes its own rows."""
+def _workers(x: torch.Tensor) -> int:
+    """Threads for the expert loop: several on CPU (independent single-stream GEMMs per thread beat one GEMM at a
+    time split across threads), one elsewhere (a GPU queues the kernels itself)."""
+    return (EXPERT_THREADS or torch.get_num_threads()) if x.device.type == "cpu" else 1
+
+
+def _expert_parallel(fn, bounds: list[int], workers: int) -> int:
+    """Run fn(e, w) for every expert e with rows, split into at most `workers` contiguous expert ranges of about
+    equal rows; range w runs on thread w (torch ops release the GIL). Returns the number of ranges."""
     global _POOL
     E = len(bounds) - 1
-    if workers <= 1:
-        for e in range(E):
-            if bounds[e + 1] > bounds[e]:
-                fn(e)
-        return
-    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
-        _POOL = (os.getpid(), workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="r1kit-moe"))
     cuts = [0] + [bisect.bisect_left(bounds, bounds[-1] * w / workers, 0, E) for w in range(1, workers)] + [E]
+    ranges = [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
 
-    def run(lo, hi):
+    def run(w, lo, hi):
         with torch.no_grad():  # worker threads start with grad mode on; out= GEMMs must not be recorded
             for e in range(lo, hi):
                 if bounds[e + 1] > bounds[e]:
-                    fn(e)
+                    fn(e, w)
 
-    for f in [_POOL[2].submit(run, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]:
+    if len(ranges) <= 1:
+        run(0, 0, E)
+        return 1
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < len(ranges) - 1:
+        _POOL = (os.getpid(), len(ranges) - 1, ThreadPoolExecutor(len(ranges) - 1, thread_name_prefix="r1kit-moe"))
+    futures = [_POOL[2].submit(run, w, lo, hi) for w, (lo, hi) in enumerate(ranges) if w > 0]
+    run(0, *ranges[0])  # the calling thread takes the first range itself
+    for f in futures:
         f.result()
+    return len(ranges)
 
 
-def grouped_mm(a, b, offsets, bounds):
-    """Per-expert GEMMs over sorted row groups (offsets[E+1] tensor, bounds the same as a list):
-    b 3-D: 'sk,ekn->sn' (each row group times its expert's matrix); b 2-D: 'ks,sn->ekn' (a[:, group] @ b[group]).
-    CPU with several threads: expert-parallel mm loop; else torch._grouped_mm when usable; else a plain loop."""
-    workers = (EXPERT_THREADS or torch.get_num_threads()) if a.device.type == "cpu" else 1
-    if workers <= 1 and _gmm_usable(a, b):
-        try:
-            return torch._grouped_mm(a, b, offs=offsets[1:].to(torch.int32))
-        except (RuntimeError, NotImplementedError):  # e.g. a CUDA arch or dtype grouped_mm lacks
-            pass
-    E = len(bounds) - 1
-    if b.dim() == 3:
-        out = torch.empty(a.shape[0], b.shape[2], dtype=a.dtype, device=a.device)
-        _expert_parallel(lambda e: torch.mm(a[bounds[e] : bounds[e + 1]], b[e], out=out[bounds[e] : bounds[e + 1]]),
-                         bounds, workers)
-        return out
-    out = torch.empty(E, a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
-    for e in range(E):
-        if bounds[e + 1] == bounds[e]:
-            out[e].zero_()  # an expert with no rows gets a zero gradient; the rest is overwritten below
-    _expert_parallel(lambda e: torch.mm(a[:, bounds[e] : bounds[e + 1]], b[bounds[e] : bounds[e + 1]], out=out[e]),
-                     bounds, workers)
+def _sum_buffers(bufs: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Sum of the first n per-thread accumulators (fixed order: deterministic for a given thread count)."""
+    out = bufs[0]
+    for b in bufs[1:n]:
+        out += b
     return out
 
 
 class _SortedMoE(torch.autograd.Function):
-    """Sorted-row MoE with a hand-written backward. The routing weight scales the [S, I] hidden before the down GEMM
-    (w * (a @ Wd.T) = (w * a) @ Wd.T, half the bytes of scaling the [S, H] output). Saves only the [S, 2I] gate/up
-    pre-activations and the routing; backward re-gathers x and runs four grouped GEMMs (da, dW_down, dW_gate_up,
-    dx) with SwiGLU's backward in between. Rows return to their (token, slot) place by one index_copy and a dense
-    sum over K: deterministic, and far faster on CPU than the serial scatter-add of index_add_ / index backward."""
+    """Sorted-row MoE with a hand-written backward. Rows are sorted by expert; per expert, forward gathers its
+    tokens, runs the gate/up GEMM, SwiGLU with the routing weight folded into the [n, I] hidden
+    (w * (a @ Wd.T) = (w * a) @ Wd.T), the down GEMM, and index_adds the rows into the calling thread's [T, H]
+    accumulator. Saves only the [S, 2I] pre-activations and the routing. Backward re-gathers x and the upstream
+    grad per expert and runs its four GEMMs (da, dW_down, dW_gate_up, dx) with SwiGLU's backward in between.
+    No [S, H] tensor is ever formed, and no per-token Python: the only loop is over experts."""
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_gate_up, w_down):
@@ -143,42 +124,64 @@ class _SortedMoE(torch.autograd.Function):
         K = topk_ids.shape[1]
         E, I2, _ = w_gate_up.shape
         I = I2 // 2
-        acc = torch.promote_types(x.dtype, torch.float32)  # SwiGLU, routing weights and the K-sum in >= fp32
+        dt, acc = x.dtype, torch.promote_types(x.dtype, torch.float32)  # SwiGLU, weights, sums in >= fp32
         order, counts, offsets = sort_by_expert(topk_ids, E)
         bounds = offsets.tolist()
         tok = order // K  # [S] token of each sorted row
         ws = topk_weights.reshape(-1)[order].to(acc)[:, None]  # [S, 1] routing weight of each sorted row
-        h = grouped_mm(x.index_select(0, tok), w_gate_up.transpose(1, 2), offsets, bounds)  # [S, 2I] 'sh,eih->si'
-        aw = (F.silu(h[:, :I]) * h[:, I:]).mul_(ws).to(x.dtype)  # [S, I] expert hidden, routing weight folded in
-        y = grouped_mm(aw, w_down.transpose(1, 2), offsets, bounds)  # [S, H] 'si,ehi->sh' = w * y_e
-        out = torch.empty_like(y).index_copy_(0, order, y).view(T, K, H).sum(1, dtype=acc)  # 'tkh->th' scatter-back
-        ctx.save_for_backward(x, topk_weights, w_gate_up, w_down, order, offsets, h, ws)
+        h = x.new_empty(len(order), I2)  # [S, 2I] gate | up pre-activations, saved for backward
+        workers = _workers(x)
+        outs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)]
+
+        def expert(e, w):
+            r = slice(bounds[e], bounds[e + 1])
+            te = tok[r]
+            he = torch.mm(x[te], w_gate_up[e].t(), out=h[r])  # [n, 2I] 'nh,ih->ni'
+            a = F.silu(he[:, :I].to(acc)).mul_(he[:, I:]).mul_(ws[r])  # [n, I] w * silu(gate) * up
+            outs[w].index_add_(0, te, torch.mm(a.to(dt), w_down[e].t()).to(acc))  # 'ni,hi->nh', scatter-add
+
+        used = _expert_parallel(expert, bounds, workers)
+        ctx.save_for_backward(x, topk_weights, w_gate_up, w_down, order, h, ws)
         ctx.bounds, ctx.K = bounds, K
-        return out.to(x.dtype)
+        return _sum_buffers(outs, used).to(dt)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, topk_weights, w_gate_up, w_down, order, offsets, h, ws = ctx.saved_tensors
+        x, topk_weights, w_gate_up, w_down, order, h, ws = ctx.saved_tensors
         bounds, K = ctx.bounds, ctx.K
         T, H = x.shape
         I = h.shape[1] // 2
         tok = order // K
         dt, acc = x.dtype, ws.dtype
-        gs = grad_out.to(dt).index_select(0, tok)  # [S, H] upstream grad of each sorted row (unweighted)
-        da = grouped_mm(gs, w_down, offsets, bounds).to(acc)  # [S, I] 'sh,ehi->si'
-        gate, up = h[:, :I].to(acc), h[:, I:].to(acc)
-        act = F.silu(gate)
-        a = act * up  # [S, I] expert hidden, recomputed from the saved pre-activations
-        dws = torch.linalg.vecdot(da, a)  # [S] d out / d weight = <grad, y_e> = <grad @ W_down, a>
-        dwd = grouped_mm(gs.t(), a.mul_(ws).to(dt), offsets, bounds)  # [E, H, I] 'hs,si->ehi'
-        da.mul_(ws)
-        dh = torch.empty(h.shape, dtype=acc, device=h.device)  # [S, 2I] d gate | d up
-        torch.ops.aten.silu_backward.grad_input(da * up, gate, grad_input=dh[:, :I])
-        torch.mul(da, act, out=dh[:, I:])
-        dh = dh.to(dt)
-        dwgu = grouped_mm(dh.t(), x.index_select(0, tok), offsets, bounds)  # [E, 2I, H] 'is,sh->eih'
-        dxs = grouped_mm(dh, w_gate_up, offsets, bounds)  # [S, H] 'si,eih->sh'
-        dx = torch.empty_like(dxs).index_copy_(0, order, dxs).view(T, K, H).sum(1, dtype=acc).to(dt)
+        g = grad_out.to(dt).contiguous()  # [T, H]
+        dws = torch.empty(len(order), dtype=acc, device=x.device)  # [S] grad of each sorted row's routing weight
+        dwgu, dwd = torch.empty_like(w_gate_up), torch.empty_like(w_down)
+        for e in range(len(bounds) - 1):
+            if bounds[e + 1] == bounds[e]:
+                dwgu[e].zero_(), dwd[e].zero_()  # an expert with no rows gets a zero gradient
+        workers = _workers(x)
+        dxs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)]
+
+        def expert(e, w):
+            r = slice(bounds[e], bounds[e + 1])
+            te = tok[r]
+            xe, ge = x[te], g[te]  # [n, H] rows of x and of the upstream grad (unweighted)
+            da = torch.mm(ge, w_down[e]).to(acc)  # [n, I] 'nh,hi->ni'
+            gate, up = h[r, :I].to(acc), h[r, I:].to(acc)
+            act = F.silu(gate)
+            a = act * up  # [n, I] expert hidden, recomputed from the saved pre-activations
+            torch.sum(da * a, -1, out=dws[r])  # d out / d weight = <grad, y_e> = <grad @ W_down, a>
+            torch.mm(ge.t(), a.mul_(ws[r]).to(dt), out=dwd[e])  # [H, I] 'nh,ni->hi'
+            da.mul_(ws[r])
+            dh = torch.empty(h[r].shape, dtype=acc, device=x.device)  # [n, 2I] d gate | d up
+            torch.ops.aten.silu_backward.grad_input(da * up, gate, grad_input=dh[:, :I])
+            torch.mul(da, act, out=dh[:, I:])
+            dh = dh.to(dt)
+            torch.mm(dh.t(), xe, out=dwgu[e])  # [2I, H] 'ni,nh->ih'
+            dxs[w].index_add_(0, te, torch.mm(dh, w_gate_up[e]).to(acc))  # 'ni,ih->nh', scatter-add
+
+        used = _expert_parallel(expert, bounds, workers)
+        dx = _sum_buffers(dxs, used).to(dt)
         dtw = torch.empty_like(dws).index_copy_(0, order, dws).view(T, K).to(topk_weights.dtype)
         return dx, None, dtw, dwgu, dwd
 
