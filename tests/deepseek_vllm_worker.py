@@ -51,7 +51,8 @@ if __name__ == "__main__":
     # MTP speculative decoding on: vLLM's DeepSeek MTP loader must find the checkpoint's MTP layer
     llm = LLM(model=ckpt, skip_tokenizer_init=True, dtype="float32", block_size=16, max_model_len=256,
               enforce_eager=True, max_num_seqs=8, seed=0, enable_prefix_caching=False,
-              speculative_config={"method": "deepseek_mtp", "num_speculative_tokens": 1})
+              attention_config={"backend": "CPU_MLA"},  # the AMX MLA backend (CPUs with AMX) takes no fp32
+              speculative_config={"method": "deepseek_mtp", "num_speculative_tokens": 1, "attention_backend": "CPU_MLA"})
     drafter = llm.collective_rpc(drafter_weights)[0]
     stock = run(llm, seqs)
     patched_modules = llm.collective_rpc(use_native_rope)[0]

