@@ -136,7 +136,7 @@ class _SortedMoE(torch.autograd.Function):
         def expert(e, w):
             r = slice(bounds[e], bounds[e + 1])
             te = tok[r]
-            he = torch.mm(x[te], w_gate_up[e].t(), out=h[r])  # [n, 2I] 'nh,ih->ni'
+            he = torch.mm(x.index_select(0, te), w_gate_up[e].t(), out=h[r])  # [n, 2I] 'nh,ih->ni'
             a = F.silu(he[:, :I].to(acc)).mul_(he[:, I:]).mul_(ws[r])  # [n, I] w * silu(gate) * up
             outs[w].index_add_(0, te, torch.mm(a.to(dt), w_down[e].t()).to(acc))  # 'ni,hi->nh', scatter-add
 
@@ -165,7 +165,7 @@ class _SortedMoE(torch.autograd.Function):
         def expert(e, w):
             r = slice(bounds[e], bounds[e + 1])
             te = tok[r]
-            xe, ge = x[te], g[te]  # [n, H] rows of x and of the upstream grad (unweighted)
+            xe, ge = x.index_select(0, te), g.index_select(0, te)  # [n, H] rows of x and of the upstream grad
             da = torch.mm(ge, w_down[e]).to(acc)  # [n, I] 'nh,hi->ni'
             gate, up = h[r, :I].to(acc), h[r, I:].to(acc)
             act = F.silu(gate)
