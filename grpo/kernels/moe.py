@@ -4,9 +4,10 @@ Layout matches transformers' DeepseekV3 experts (`DeepseekV3Experts`, 5.19):
   w_gate_up[E, 2I, H] holds [gate; up] stacked on dim 1, w_down[E, H, I];
   gate, up = (x @ w_gate_up[e].T).chunk(2, -1);  y_e = (silu(gate) * up) @ w_down[e].T;
   out[t] = sum_k topk_weights[t, k] * y_{topk_ids[t, k]}[t].
-Both fast paths sort the T*K (token, slot) pairs by expert so that each expert's rows are contiguous, run one
-GEMM per expert on those rows (grouped GEMM), and scatter the weighted rows back; neither loops over tokens in
-Python. Dispatch: Triton on CUDA tensors (when triton imports), the sorted torch path elsewhere.
+Both fast paths sort the T*K (token, slot) pairs by expert so that each expert's rows are contiguous, run that
+expert's GEMMs on its rows, and scatter the weighted rows back; neither loops over tokens in Python. The torch
+path walks the experts (split over CPU threads), the Triton path launches grouped GEMMs over row blocks.
+Dispatch: Triton on CUDA tensors (when triton imports), the sorted torch path elsewhere.
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ class _SortedMoE(torch.autograd.Function):
 
 
 def moe_ffn_torch(x, topk_ids, topk_weights, w_gate_up, w_down):
-    """Sorted torch path: grouped GEMMs on expert-contiguous rows, custom backward (any device)."""
+    """Sorted torch path: per-expert gather, GEMMs, SwiGLU and scatter-add, experts split over CPU threads; custom
+    backward (any device)."""
     return _SortedMoE.apply(x, topk_ids, topk_weights, w_gate_up, w_down)
 
 
