@@ -86,6 +86,8 @@ def _expert_parallel(fn, bounds: list[int], workers: int) -> int:
     ranges = [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
 
     def run(w, lo, hi):
+        if len(ranges) > 1:  # one stream per thread: no OpenMP team per op on top of the ranges' threads
+            torch.set_num_threads(1)
         with torch.no_grad():  # worker threads start with grad mode on; out= GEMMs must not be recorded
             for e in range(lo, hi):
                 if bounds[e + 1] > bounds[e]:
@@ -96,10 +98,14 @@ def _expert_parallel(fn, bounds: list[int], workers: int) -> int:
         return 1
     if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < len(ranges) - 1:
         _POOL = (os.getpid(), len(ranges) - 1, ThreadPoolExecutor(len(ranges) - 1, thread_name_prefix="r1kit-moe"))
-    futures = [_POOL[2].submit(run, w, lo, hi) for w, (lo, hi) in enumerate(ranges) if w > 0]
-    run(0, *ranges[0])  # the calling thread takes the first range itself
-    for f in futures:
-        f.result()
+    threads = torch.get_num_threads()
+    try:
+        futures = [_POOL[2].submit(run, w, lo, hi) for w, (lo, hi) in enumerate(ranges) if w > 0]
+        run(0, *ranges[0])  # the calling thread takes the first range itself
+        for f in futures:
+            f.result()
+    finally:  # restored once every range is done (the setting may be process-wide)
+        torch.set_num_threads(threads)
     return len(ranges)
 
 
