@@ -276,8 +276,9 @@ class NativeWorker:
                 keep = live.nonzero().flatten()
                 cache.batch_select_indices(keep)
                 rows, attn, next_pos, tok, live = rows[keep], attn[keep], next_pos[keep], tok[keep], live[keep]
-            mask = attn[..., :L + step + 1] if buffered else torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
-            attn = attn if buffered else mask
+            if not buffered:
+                attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
+            mask = attn[..., :L + step + 1] if buffered else attn
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
                              use_cache=True)
             cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
