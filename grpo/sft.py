@@ -86,7 +86,10 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled tokens. From the final hidden states through fused_logprob
     (no [B, L, V] logits) where the head allows; r1kit's DeepSeek model computes it itself (fused inside, plus the
     lambda-weighted MTP loss and any balance loss), and other heads keep the model's own `labels` loss."""
-    if isinstance(model, DeepseekForCausalLM) or not fusable(model):
+    if isinstance(model, DeepseekForCausalLM):  # its loss never forms [B, L, V] logits unless asked for them
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     return_logits=False).loss
+    if not fusable(model):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     ids = batch["input_ids"]
     positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)  # right padding: the defaults

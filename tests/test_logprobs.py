@@ -144,3 +144,5 @@ def test_deepseek_fused_loss_equals_logits_loss(monkeypatch):
     print(f"sft deepseek: loss {l0.item():.6f} vs {l1.item():.6f}, max |param grad diff| {diff:.1e}")
     assert g0.keys() == g1.keys() and torch.allclose(l0, l1, atol=1e-5) and diff < 1e-5
     assert sft.lm_loss(lm, batch).item() == pytest.approx(l1.item(), abs=1e-5)  # SFT runs the model's own loss
+    no_logits = lm(**batch, return_logits=False)  # what SFT asks for: the same loss, no [B, S, V] tensor
+    assert no_logits.logits is None and no_logits.loss.item() == pytest.approx(l1.item(), abs=1e-5)

@@ -433,7 +433,7 @@ class MTPModule(nn.Module):
 class CausalLMOutput:
     """What forward returns (field names as transformers' outputs)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     past_key_values: MLACache | None = None
     aux_loss: torch.Tensor | None = None
@@ -555,9 +555,10 @@ class DeepseekForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                labels=None, logits_to_keep=0, **_) -> CausalLMOutput:
+                labels=None, logits_to_keep=0, return_logits=True, **_) -> CausalLMOutput:
         """input_ids [B,S]; attention_mask [B,past+S] (1 = real token, left padding ok); position_ids [B,S];
-        labels [B,S] (shifted inside, -100 ignored) -> logits [B,S or logits_to_keep,V], loss, cache."""
+        labels [B,S] (shifted inside, -100 ignored) -> logits [B,S or logits_to_keep,V], loss, cache.
+        return_logits=False leaves logits None: a training step that only needs the loss never forms [B,S,V]."""
         cfg = self.config
         B, S = input_ids.shape
         cache = past_key_values if past_key_values is not None else (MLACache() if use_cache else None)
@@ -566,7 +567,7 @@ class DeepseekForCausalLM(nn.Module):
             position_ids = (past + torch.arange(S, device=input_ids.device))[None].expand(B, S)
         h = self.hidden(input_ids, attention_mask, position_ids, cache)  # [B,S,D]
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(h[:, keep])
+        logits = self.lm_head(h[:, keep]) if return_logits else None
         out = CausalLMOutput(logits=logits, past_key_values=cache if use_cache else None)
         aux = [l.mlp.aux_loss for l in self.model.layers if isinstance(l.mlp, MoE) and l.mlp.aux_loss is not None]
         if aux:  # training with aux_loss_alpha > 0: a caller with its own loss may add out.aux_loss (GRPO does not)
