@@ -160,3 +160,17 @@ def test_grouped_query_model_decodes_through_buffered_cache(tmp_path):
     comps = w.generate(prompts, 3, SamplingParams(temperature=0.9, max_tokens=20, seed=2))
     assert model.config._attn_implementation == "sdpa"
     assert rescored(w, prompts, comps, 0.9) < 1e-4
+
+
+def test_eager_attention_model_decodes_through_the_4d_mask(tmp_path):
+    """A model set to eager attention keeps it (no repeat_kv-free path) and takes the same ready 4D padding mask;
+    its behaviour log-probs still equal a plain forward's, with prompts of different lengths (left padding)."""
+    from rollout_models import build_llama
+
+    model, tok = build_llama(str(tmp_path))
+    model.config._attn_implementation = "eager"
+    prompts = [tok("<think> one plus two")["input_ids"], tok("answer:")["input_ids"]]
+    w = NativeWorker(model, tok)
+    comps = w.generate(prompts, 3, SamplingParams(temperature=0.9, max_tokens=20, seed=2))
+    assert model.config._attn_implementation == "eager"
+    assert rescored(w, prompts, comps, 0.9) < 1e-4

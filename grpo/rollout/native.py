@@ -234,7 +234,10 @@ class NativeWorker:
         B = P * n
         rep = torch.arange(P, device=device).repeat_interleave(n)  # batch row -> prompt
         cache = _make_cache(self.model, L + T, rep)  # buffered layers expand to the n copies while prefilling
-        buffered = cache is not None
+        # a ready 4D additive mask where the attention takes one (sdpa -> r1kit_decode, eager); flash-attention
+        # backends want the 2D padding mask
+        mask4d = cache is not None and getattr(self.model.config, "_attn_implementation", None) in ("r1kit_decode",
+                                                                                                     "eager")
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
                          logits_to_keep=1)
         if cache is None:
@@ -243,8 +246,8 @@ class NativeWorker:
                 cache.batch_select_indices(rep)
         logits = out.logits[:, -1][rep]  # [B, V]
         attn, next_pos = attn[rep], pos[rep, -1:] + 1  # [B, L], [B, 1]
-        if buffered:  # a ready 4D additive mask [B, 1, 1, L+T] (-inf on left padding), sliced each step:
-            # transformers passes a 4D mask through as it is instead of building one every step
+        if mask4d:  # [B, 1, 1, L+T], -inf on left padding, sliced each step: transformers passes a 4D mask
+            # through as it is instead of building one every step
             bias = torch.zeros((B, 1, 1, L + T), dtype=next(self.model.parameters()).dtype, device=device)
             attn = bias.masked_fill_(F.pad(attn == 0, (0, T))[:, None, None], float("-inf"))
         keys = seeds.to(device)  # one SplitMix64 stream per request
@@ -276,9 +279,9 @@ class NativeWorker:
                 keep = live.nonzero().flatten()
                 cache.batch_select_indices(keep)
                 rows, attn, next_pos, tok, live = rows[keep], attn[keep], next_pos[keep], tok[keep], live[keep]
-            if not buffered:
+            if not mask4d:
                 attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
-            mask = attn[..., :L + step + 1] if buffered else attn
+            mask = attn[..., :L + step + 1] if mask4d else attn
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
                              use_cache=True)
             cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
