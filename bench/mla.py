@@ -49,8 +49,9 @@ def main():
         per_step = []
         with torch.no_grad():
             for step in range(args.steps + 1):  # first step is warm-up
-                cache = MLACache()
-                cache.latent, cache.k_pe = list(latents), list(keys)
+                cache = MLACache(capacity=T + 1)  # room for the timed step: no buffer growth inside it
+                for layer, (lat, key) in enumerate(zip(latents, keys)):
+                    cache.update(layer, lat, key)
                 tok = torch.randint(0, cfg.vocab_size, (B, 1), generator=g)
                 pos = torch.full((B, 1), T)
                 t0 = time.perf_counter()

@@ -184,26 +184,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ----------------------------------------------------------------------------------------------- cache
 class MLACache:
-    """Per-layer KV cache of MLA: only the normalised latent [B,T,C] and the roped shared key [B,T,r] per token.
+    """Per-layer KV cache of MLA: only the normalised latent [B,T,C] and the roped shared key [B,T,r] per token,
+    written into buffers that double when full (no O(T) copy of the whole cache on every decoding step).
     Same interface the sampler uses on transformers' DynamicCache."""
 
-    def __init__(self):
-        self.latent: list[torch.Tensor] = []
-        self.k_pe: list[torch.Tensor] = []
+    def __init__(self, capacity: int = 0):
+        self.capacity = capacity  # tokens to reserve per layer on the first update (e.g. prompt + max new tokens)
+        self.latent: list[torch.Tensor] = []  # per layer [B, capacity, C]
+        self.k_pe: list[torch.Tensor] = []  # per layer [B, capacity, r]
+        self.length: list[int] = []  # per layer tokens cached
 
     def update(self, layer: int, c: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's [B,S,C] and [B,S,r] to layer `layer`; return all T tokens so far."""
+        """Append this step's [B,S,C] and [B,S,r] to layer `layer`; return views of all T tokens so far."""
         if layer == len(self.latent):
-            self.latent.append(c)
-            self.k_pe.append(k_pe)
-        else:
-            self.latent[layer] = torch.cat([self.latent[layer], c], dim=1)
-            self.k_pe[layer] = torch.cat([self.k_pe[layer], k_pe], dim=1)
-        return self.latent[layer], self.k_pe[layer]
+            S = c.shape[1]
+            self.latent.append(c if self.capacity <= S else _grown(c, S, self.capacity))
+            self.k_pe.append(k_pe if self.capacity <= S else _grown(k_pe, S, self.capacity))
+            self.length.append(S)
+            return c, k_pe
+        start, end = self.length[layer], self.length[layer] + c.shape[1]
+        if end > self.latent[layer].shape[1]:  # grow to twice the need: amortised O(1) copies per token
+            self.latent[layer] = _grown(self.latent[layer], start, 2 * end)
+            self.k_pe[layer] = _grown(self.k_pe[layer], start, 2 * end)
+        self.latent[layer][:, start:end] = c
+        self.k_pe[layer][:, start:end] = k_pe
+        self.length[layer] = end
+        return self.latent[layer][:, :end], self.k_pe[layer][:, :end]
 
     def get_seq_length(self, layer: int = 0) -> int:
         """Tokens cached so far (padding included)."""
-        return self.latent[layer].shape[1] if layer < len(self.latent) else 0
+        return self.length[layer] if layer < len(self.length) else 0
 
     def batch_select_indices(self, idx: torch.Tensor):
         """Keep only rows `idx` (drop finished sequences), in place."""
@@ -214,6 +224,13 @@ class MLACache:
         """Cache bytes per token summed over layers."""
         return sum(c.shape[-1] * c.element_size() + k.shape[-1] * k.element_size()
                    for c, k in zip(self.latent, self.k_pe))
+
+
+def _grown(buf: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
+    """A [B, capacity, X] buffer holding buf's first `used` tokens."""
+    out = buf.new_empty(buf.shape[0], capacity, buf.shape[2])
+    out[:, :used] = buf[:, :used]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- attention
