@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from grpo.kernels.logprob import fused_logprob  # log-probs from hidden states, streamed over vocab chunks
-from grpo.kernels.moe import moe_ffn  # sorted grouped-GEMM experts: Triton on CUDA, torch elsewhere
+from grpo.kernels.moe import moe_ffn  # routed experts on expert-sorted rows: Triton on CUDA, torch elsewhere
 from grpo.kernels.rmsnorm import rms_norm  # fp32-statistics RMSNorm: Triton on CUDA, torch elsewhere
 
 
