@@ -16,13 +16,7 @@ from grpo.rollout.base import SamplingParams  # noqa: E402
 from grpo.rollout.native import NativeWorker  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared box it makes every op wait for it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny matmuls gain nothing from 2 threads
 
 
 @pytest.fixture(scope="module")
