@@ -4,11 +4,12 @@ Shape (issue 4): E=64 routed experts, top-6, hidden 512, moe_intermediate 256, 2
 Every variant runs the whole DeepseekV3MoE block (router + routed experts + shared experts); only the routed
 experts differ: transformers' `eager` backend (its default), its `grouped_mm` backend, and r1kit's moe_ffn
 (the sorted torch path on CPU, Triton on a GPU). GFLOP/s counts the block's matmul FLOPs (forward x3 for
-forward+backward) against the machine's matmul peak measured here first. Variants run round-robin and each
-reports its fastest round (fair on a shared machine). The last line is r1kit's speed-up over the faster
-transformers backend.
+forward+backward) against the machine's matmul peak, measured here before, between and after the rounds
+(the best of all). Variants run round-robin and each reports its fastest round (fair on a shared machine). As
+`r1` does, the run first keeps glibc's freed large blocks for reuse (grpo/runtime.py); --glibc-default skips
+that. The last line is r1kit's speed-up over the faster transformers backend.
 
-    python bench/moe.py [--tokens 4096] [--repeats 3] [--no-bf16]
+    python bench/moe.py [--tokens 4096] [--repeats 3] [--no-bf16] [--glibc-default]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from grpo.kernels.moe import moe_ffn  # noqa: E402
+from grpo.runtime import keep_freed_memory  # noqa: E402
 
 
 def matmul_peak(dtype, device, n=2048, reps=6):
@@ -99,11 +101,14 @@ def fwd_bwd(fn, moe, impl, x, cot):
     return dt, out.detach(), grads
 
 
-def time_round_robin(variants, x, cot, repeats):
+def time_round_robin(variants, x, cot, repeats, peak=None):
     """Run the variants in turn, `repeats` rounds after one warm-up round, so that load from other processes on a
-    shared machine hits all of them alike; reports each one's fastest round."""
+    shared machine hits all of them alike; reports each one's fastest round. peak: a dict {dtype: GFLOP/s} whose
+    entries are raised by a short matmul-peak probe before each round, so the roofline sees the same machine."""
     best, results = {}, {}
     for r in range(repeats + 1):
+        for dtype in peak or {}:
+            peak[dtype] = max(peak[dtype], matmul_peak(dtype, x.device, reps=2))
         for name, (fn, moe, impl) in variants.items():
             dt, out, grads = fwd_bwd(fn, moe, impl, x, cot)
             results[name] = (out, grads)
@@ -125,10 +130,12 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--glibc-default", action="store_true", help="leave glibc's malloc thresholds as they are")
     args = ap.parse_args()
+    kept = False if args.glibc_default else keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}")
+    print(f"device: {name}; torch {torch.__version__}; freed large blocks kept for reuse (grpo/runtime.py): {kept}")
     peak32 = matmul_peak(torch.float32, device)
     peak16 = matmul_peak(torch.bfloat16, device)
     print(f"matmul peak before the runs: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
@@ -142,10 +149,11 @@ def main():
                 f"r1kit moe_ffn ({path})": (r1kit_forward, moe, None)}
     if device.type == "cuda":  # the torch path too, for comparison with the Triton one
         variants["r1kit moe_ffn (torch)"] = (lambda m, x: r1kit_forward(m, x, impl="torch"), moe, None)
-    rows = time_round_robin(variants, x, cot, args.repeats)
-    peak32 = max(peak32, matmul_peak(torch.float32, device))  # load may have changed while the MoE ran
+    peaks = {torch.float32: peak32}
+    rows = time_round_robin(variants, x, cot, args.repeats, peaks)
+    peak32 = max(peaks[torch.float32], matmul_peak(torch.float32, device))  # load may change while the MoE runs
     ref_out, ref_grads = rows["transformers eager"][1:]
-    print(f"fp32 matmul peak (best of before/after): {peak32:.0f} GFLOP/s")
+    print(f"fp32 matmul peak (best of before, between rounds, after): {peak32:.0f} GFLOP/s")
     head = f"{'fwd+bwd s':>10s} {'GFLOP/s':>8s} {'% peak':>7s}"
     print(f"{'variant (fp32)':34s} {head}  max rel diff vs eager (out, grads)")
     for k, (t, out, grads) in rows.items():
@@ -157,10 +165,12 @@ def main():
     if not args.no_bf16:
         moe16 = copy.deepcopy(moe).bfloat16()
         x16, cot16 = x.bfloat16(), cot.bfloat16()
+        peaks16 = {torch.bfloat16: peak16}
         rows16 = time_round_robin({"transformers grouped_mm": (hf_forward, moe16, "grouped_mm"),
-                                   f"r1kit moe_ffn ({path})": (r1kit_forward, moe16, None)}, x16, cot16, args.repeats)
+                                   f"r1kit moe_ffn ({path})": (r1kit_forward, moe16, None)}, x16, cot16, args.repeats,
+                                  peaks16)
         (t_hf16, out_hf16, _), (t_r16, out_r16, _) = rows16.values()
-        peak16 = max(peak16, matmul_peak(torch.bfloat16, device))
+        peak16 = max(peaks16[torch.bfloat16], matmul_peak(torch.bfloat16, device))
         print(f"{'variant (bf16)':34s} {head}  max rel diff vs bf16 grouped_mm (out)")
         for k, t, out in (("transformers grouped_mm", t_hf16, out_hf16), (f"r1kit moe_ffn ({path})", t_r16, out_r16)):
             print(f"{k:34s} {t:10.3f} {flops / t / 1e9:8.1f} {100 * flops / t / 1e9 / peak16:6.1f}%  "

@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="r1 serve MODEL: a vLLM rollout server")
     args = parser.parse_args(argv)
     from grpo.data import DataError
+    from grpo.runtime import keep_freed_memory
+
+    keep_freed_memory()  # reuse freed activation and gradient pages across steps instead of faulting them in again
 
     try:
         return _run(args) if args.command == "run" else _stage(args)

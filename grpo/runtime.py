@@ -1,0 +1,37 @@
+"""Process settings for CPU training: keep large freed blocks in glibc's heap so each step reuses warm pages.
+
+glibc serves every allocation above its mmap threshold (at most 32 MB by default) with a fresh mmap and unmaps it
+on free, so a training step that frees and re-allocates the same [tokens, hidden] activations and weight gradients
+pays a page fault and a kernel page-zeroing for every 4 KB of them, every step. On the MoE benchmark shape that is
+about 47,000 faults per forward+backward, 5-10% of its time (bench/moe.py). PyTorch's CUDA allocator caches blocks
+for the same reason; on CPU, PyTorch and vLLM advise preloading tcmalloc or jemalloc, which a pip install cannot
+provide, so we set glibc's own knobs (mallopt) instead. `r1` calls this at start-up; library users may call it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers from glibc's <malloc.h>
+_LIMIT = 2**31 - 1  # mallopt takes an int: blocks below ~2 GiB come from the heap and stay there when freed
+_USER_TUNABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+_applied = False
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds so that freed tensors' pages are reused instead of unmapped and
+    faulted in again. Returns whether the setting is in effect. Does nothing off glibc, or when the user has set
+    glibc's malloc tunables in the environment themselves (theirs win)."""
+    global _applied
+    if _applied:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(k in os.environ for k in _USER_TUNABLES):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, _LIMIT)) & bool(libc.mallopt(_M_TRIM_THRESHOLD, _LIMIT))
+    return _applied
