@@ -1,11 +1,14 @@
 """Process settings for CPU training: keep large freed blocks in glibc's heap so each step reuses warm pages.
 
-glibc serves every allocation above its mmap threshold (at most 32 MB by default) with a fresh mmap and unmaps it
-on free, so a training step that frees and re-allocates the same [tokens, hidden] activations and weight gradients
-pays a page fault and a kernel page-zeroing for every 4 KB of them, every step. On the MoE benchmark shape that is
-about 47,000 faults per forward+backward, 5-10% of its time (bench/moe.py). PyTorch's CUDA allocator caches blocks
-for the same reason; on CPU, PyTorch and vLLM advise preloading tcmalloc or jemalloc, which a pip install cannot
-provide, so we set glibc's own knobs (mallopt) instead. `r1` calls this at start-up; library users may call it.
+glibc serves a large allocation that no free block of its heap fits with a fresh mmap (its mmap threshold rises to
+32 MB at most) and unmaps it on free, and it trims freed memory off the heap's top, so a training step that frees
+and re-allocates the same activations and weight gradients pays a page fault and a kernel page-zeroing for every
+4 KB of them, every step. On the MoE benchmark shape that was about 47,000 faults per forward+backward, about 7%
+of r1kit's time there (bench/moe.py, README). PyTorch's CUDA allocator caches blocks for the same reason; on CPU,
+PyTorch and vLLM advise preloading tcmalloc or jemalloc, which a pip install cannot provide, so we set glibc's own
+knobs (mallopt) instead. The cost: the process keeps its peak heap instead of handing memory back between steps.
+`r1` calls this at start-up; library users may call it. To opt out, set any of glibc's malloc tunables in the
+environment (e.g. MALLOC_TRIM_THRESHOLD_=131072, glibc's default).
 """
 
 from __future__ import annotations
