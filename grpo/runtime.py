@@ -6,7 +6,8 @@ and re-allocates the same activations and weight gradients pays a page fault and
 4 KB of them, every step. On the MoE benchmark shape that was about 47,000 faults per forward+backward, about 7%
 of r1kit's time there (bench/moe.py, README). PyTorch's CUDA allocator caches blocks for the same reason; on CPU,
 PyTorch and vLLM advise preloading tcmalloc or jemalloc, which a pip install cannot provide, so we set glibc's own
-knobs (mallopt) instead. The cost: the process keeps its peak heap instead of handing memory back between steps.
+knobs (mallopt) instead. The cost: the process keeps the heap it has grown, fragments included, instead of
+handing memory back between steps (tests/test_runtime.py checks that it settles).
 `r1` calls this at start-up; library users may call it. To opt out, set any of glibc's malloc tunables in the
 environment (e.g. MALLOC_TRIM_THRESHOLD_=131072, glibc's default).
 """

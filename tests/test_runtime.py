@@ -1,41 +1,54 @@
-"""grpo.runtime.keep_freed_memory: freed large tensors' pages are reused instead of faulted in again every step."""
+"""grpo.runtime.keep_freed_memory: freed large tensors' pages are reused instead of faulted in again every step,
+and the process's memory settles instead of growing."""
 
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's (mallopt)")
 
-STEP = """
-import resource, sys, torch
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = """
+import random, resource, sys, torch
 from grpo.runtime import keep_freed_memory
 print(keep_freed_memory() if sys.argv[1] == "keep" else False)
-def step():  # a training step's worth of large temporaries, allocated and freed in the same order every time
-    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    a = torch.ones(12 << 20); b = torch.ones(6 << 20); c = a[:6 << 20] + b; del a, b, c
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
-print(sum([step() for _ in range(16)][-6:]))  # the last 6 steps: glibc settles on a layout within a few
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+random.seed(0)
+for i in range(120):  # steps of large temporaries whose sizes vary (like batches of varying length), small ones between
+    n = random.choice([12, 16, 20]) << 20
+    a = torch.ones(n); b = a * 2; c = torch.ones(n // 3); d = b[: n // 3] + c; del a, b
+    small = [torch.ones(1000) for _ in range(50)]
+    del c, d, small
+    if i == 79:
+        f80, rss80 = faults(), rss_mb()
+print(faults() - f80, rss80, rss_mb())
 """
 
 
-def faults_per_step(mode):
-    out = subprocess.run([sys.executable, "-c", STEP, mode], capture_output=True, text=True, check=True,
+def last_steps(mode):
+    """(setting applied, page faults over the last 40 of 120 steps, RSS MB after step 80, RSS MB after step 120)."""
+    out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True, cwd=ROOT,
                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}).stdout.split()
-    return out[0] == "True", int(out[1])
+    return out[0] == "True", int(out[1]), int(out[2]), int(out[3])
 
 
-def test_keep_freed_memory_stops_page_faults_on_reused_blocks():
-    applied, kept = faults_per_step("keep")
-    _, default = faults_per_step("default")
+def test_keep_freed_memory_stops_page_faults_and_memory_settles():
+    applied, kept, rss80, rss120 = last_steps("keep")
+    _, default, _, _ = last_steps("default")
     assert applied
-    assert default > 20_000, default  # 96 MB a step: glibc defaults fault in fresh mmaps on most steps (37k-129k seen)
-    assert kept < 1_000, (kept, default)
+    assert default > 400_000, default  # glibc's defaults: every large block is a fresh mmap, ~33k faults a step
+    assert kept < 0.02 * default, (kept, default)  # seen: 0
+    assert rss120 <= 1.1 * rss80, (rss80, rss120)  # the heap kept for reuse has stopped growing
 
 
 def test_user_tunables_win():
     code = "from grpo.runtime import keep_freed_memory; print(keep_freed_memory())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
                          env={"PATH": "/usr/bin:/bin", "MALLOC_MMAP_THRESHOLD_": "65536"}).stdout.strip()
     assert out == "False"
