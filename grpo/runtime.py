@@ -32,10 +32,8 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if any(k in os.environ for k in _USER_TUNABLES):
+    if platform.libc_ver()[0] != "glibc" or any(k in os.environ for k in _USER_TUNABLES):
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    _applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, _LIMIT)) & bool(libc.mallopt(_M_TRIM_THRESHOLD, _LIMIT))
+    _applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, _LIMIT)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _LIMIT))
     return _applied
