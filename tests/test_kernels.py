@@ -63,6 +63,26 @@ def test_moe_torch_matches_reference(T, H, E, K, I, seed, threads, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(got[0] + got[1], again[0] + again[1]))  # deterministic
 
 
+@pytest.mark.parametrize("grad_idx", [[0], [0, 2], [2, 3, 4], [3], [4]])
+def test_moe_torch_computes_only_the_grads_asked_for(grad_idx, monkeypatch):
+    """Frozen inputs (e.g. experts frozen under LoRA) get no grad, the rest match the reference, and the skipped
+    weight-grad GEMMs are not run: backward does 2-4 GEMMs per expert with rows, by what is asked."""
+    monkeypatch.setattr(moe_mod, "EXPERT_THREADS", 1)
+    T, H, E, K, I = 37, 40, 5, 2, 20
+    inputs = _moe_inputs(T, H, E, K, I, seed=8)
+    ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, grad_idx)
+    leaves = [t.detach().clone().requires_grad_(i in grad_idx) for i, t in enumerate(inputs)]
+    out = moe_ffn(*leaves, impl="torch")
+    mm, calls = torch.mm, []
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or mm(*a, **k))
+    grads = torch.autograd.grad(out, [leaves[i] for i in grad_idx],
+                                torch.randn(out.shape, generator=torch.Generator().manual_seed(0)))
+    _assert_close(list(grads), ref[1], atol=1e-4, rtol=1e-4)
+    # per expert: da always; dW_down if asked; dh-side GEMMs: dW_gate_up if asked, dx if asked
+    per_expert = 1 + (4 in grad_idx) + (3 in grad_idx) + (0 in grad_idx)
+    assert len(calls) == per_expert * (E - 1)  # expert E-1 has no rows
+
+
 def test_moe_torch_gradcheck_float64():
     x, ids, w, wgu, wd = _moe_inputs(9, 6, 4, 2, 5, seed=2, dtype=torch.float64)
     args = [t.requires_grad_() for t in (x, w, wgu, wd)]
@@ -75,6 +95,14 @@ def test_moe_triton_matches_reference(T, H, E, K, I, seed):
     ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, [0, 2, 3, 4])
     # 16-wide blocks: several row blocks per expert, several k-steps, ragged edges on every dim
     got = _fwd_bwd(lambda *a: moe_ffn_triton(*a, block_m=16, block_n=16, block_k=16), inputs, [0, 2, 3, 4])
+    _assert_close(got[0] + got[1], ref[0] + ref[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grad_idx", [[0], [2, 3]])
+def test_moe_triton_computes_only_the_grads_asked_for(grad_idx):
+    inputs = _moe_inputs(29, 33, 4, 3, 18, seed=9)
+    ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, grad_idx)
+    got = _fwd_bwd(lambda *a: moe_ffn_triton(*a, block_m=16, block_n=16, block_k=16), inputs, grad_idx)
     _assert_close(got[0] + got[1], ref[0] + ref[1], atol=1e-4, rtol=1e-4)
 
 

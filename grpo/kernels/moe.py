@@ -161,35 +161,47 @@ class _SortedMoE(torch.autograd.Function):
         tok = order // K
         dt, acc = x.dtype, ws.dtype
         g = grad_out.to(dt).contiguous()  # [T, H]
-        dws = torch.empty(len(order), dtype=acc, device=x.device)  # [S] grad of each sorted row's routing weight
-        dwgu, dwd = torch.empty_like(w_gate_up), torch.empty_like(w_down)
+        # only what autograd asks for: frozen experts (e.g. LoRA on attention only) skip both weight-grad GEMMs
+        need_x, need_w, need_gu, need_d = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
+        dws = torch.empty(len(order), dtype=acc, device=x.device) if need_w else None  # [S] routing-weight grads
+        dwgu = torch.empty_like(w_gate_up) if need_gu else None
+        dwd = torch.empty_like(w_down) if need_d else None
         for e in range(len(bounds) - 1):
-            if bounds[e + 1] == bounds[e]:
-                dwgu[e].zero_(), dwd[e].zero_()  # an expert with no rows gets a zero gradient
+            if bounds[e + 1] == bounds[e]:  # an expert with no rows gets a zero gradient
+                for dw in (dwgu, dwd):
+                    if dw is not None:
+                        dw[e].zero_()
         workers = _workers(x)
-        dxs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)]
+        dxs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)] if need_x else None
 
         def expert(e, w):
             r = slice(bounds[e], bounds[e + 1])
             te = tok[r]
-            xe, ge = x.index_select(0, te), g.index_select(0, te)  # [n, H] rows of x and of the upstream grad
+            ge = g.index_select(0, te)  # [n, H] rows of the upstream grad
             da = torch.mm(ge, w_down[e]).to(acc)  # [n, I] 'nh,hi->ni'
             gate, up = h[r, :I].to(acc), h[r, I:].to(acc)
             act = F.silu(gate)
-            a = act * up  # [n, I] expert hidden, recomputed from the saved pre-activations
-            torch.sum(da * a, -1, out=dws[r])  # d out / d weight = <grad, y_e> = <grad @ W_down, a>
-            torch.mm(ge.t(), a.mul_(ws[r]).to(dt), out=dwd[e])  # [H, I] 'nh,ni->hi'
+            if need_w or need_d:
+                a = act * up  # [n, I] expert hidden, recomputed from the saved pre-activations
+                if need_w:
+                    torch.sum(da * a, -1, out=dws[r])  # d out / d weight = <grad, y_e> = <grad @ W_down, a>
+                if need_d:
+                    torch.mm(ge.t(), a.mul_(ws[r]).to(dt), out=dwd[e])  # [H, I] 'nh,ni->hi'
+            if not (need_gu or need_x):
+                return
             da.mul_(ws[r])
             dh = torch.empty(h[r].shape, dtype=acc, device=x.device)  # [n, 2I] d gate | d up
             torch.ops.aten.silu_backward.grad_input(da * up, gate, grad_input=dh[:, :I])
             torch.mul(da, act, out=dh[:, I:])
             dh = dh.to(dt)
-            torch.mm(dh.t(), xe, out=dwgu[e])  # [2I, H] 'ni,nh->ih'
-            dxs[w].index_add_(0, te, torch.mm(dh, w_gate_up[e]).to(acc))  # 'ni,ih->nh', scatter-add
+            if need_gu:
+                torch.mm(dh.t(), x.index_select(0, te), out=dwgu[e])  # [2I, H] 'ni,nh->ih'
+            if need_x:
+                dxs[w].index_add_(0, te, torch.mm(dh, w_gate_up[e]).to(acc))  # 'ni,ih->nh', scatter-add
 
         used = _expert_parallel(expert, bounds, workers)
-        dx = _sum_buffers(dxs, used).to(dt)
-        dtw = torch.empty_like(dws).index_copy_(0, order, dws).view(T, K).to(topk_weights.dtype)
+        dx = _sum_buffers(dxs, used).to(dt) if need_x else None
+        dtw = torch.empty_like(dws).index_copy_(0, order, dws).view(T, K).to(topk_weights.dtype) if need_w else None
         return dx, None, dtw, dwgu, dwd
 
 
@@ -390,18 +402,25 @@ class _TritonMoE(torch.autograd.Function):
         dws = (da * a).sum(-1)  # [S_pad] grad of each routing weight
         da = da * ws[:, None]
         dh = torch.cat([da * up * sg * (1.0 + gate * (1.0 - sg)), da * act], dim=1).to(x.dtype)  # [S_pad, 2I]
-        dwd = torch.empty_like(w_down)
-        _grouped_wgrad(g, a.to(x.dtype), dwd, slots, poff, ws, K, True, False, bm, bn, bk)  # 'rh,ri->hi'
-        dwgu = torch.empty_like(w_gate_up)
-        _grouped_wgrad(dh, x, dwgu, slots, poff, None, K, False, True, bm, bn, bk)  # 'ri,rh->ih'
-        dxs = torch.empty(T * K, H, dtype=ws.dtype, device=x.device)  # [S, H] at (token, slot) positions
-        _grouped_mm(dh, w_gate_up, dxs, slots, bexp, None, H, I2, K,
-                    (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2)), False, True, bm, bn, bk)
-        valid = slots >= 0
-        dtw = torch.zeros(T * K, dtype=ws.dtype, device=x.device)
-        dtw[slots[valid]] = dws[valid]
-        dx = dxs.view(T, K, H).sum(1).to(x.dtype)
-        return dx, None, dtw.view(T, K).to(topk_weights.dtype), dwgu, dwd, None, None, None
+        need_x, need_w, need_gu, need_d = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
+        dwd = dwgu = dx = dtw = None
+        if need_d:
+            dwd = torch.empty_like(w_down)
+            _grouped_wgrad(g, a.to(x.dtype), dwd, slots, poff, ws, K, True, False, bm, bn, bk)  # 'rh,ri->hi'
+        if need_gu:
+            dwgu = torch.empty_like(w_gate_up)
+            _grouped_wgrad(dh, x, dwgu, slots, poff, None, K, False, True, bm, bn, bk)  # 'ri,rh->ih'
+        if need_x:
+            dxs = torch.empty(T * K, H, dtype=ws.dtype, device=x.device)  # [S, H] at (token, slot) positions
+            _grouped_mm(dh, w_gate_up, dxs, slots, bexp, None, H, I2, K,
+                        (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2)), False, True, bm, bn, bk)
+            dx = dxs.view(T, K, H).sum(1).to(x.dtype)
+        if need_w:
+            valid = slots >= 0
+            dtw = torch.zeros(T * K, dtype=ws.dtype, device=x.device)
+            dtw[slots[valid]] = dws[valid]
+            dtw = dtw.view(T, K).to(topk_weights.dtype)
+        return dx, None, dtw, dwgu, dwd, None, None, None
 
 
 def moe_ffn_triton(x, topk_ids, topk_weights, w_gate_up, w_down, block_m: int = 64, block_n: int = 64,
