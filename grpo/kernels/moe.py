@@ -117,13 +117,20 @@ def _sum_buffers(bufs: list[torch.Tensor], n: int) -> torch.Tensor:
     return out
 
 
+_silu_out = torch.ops.aten.silu.out  # silu into a given buffer (F.silu has no out=)
+_silu_backward_out = torch.ops.aten.silu_backward.grad_input
+
+
 class _SortedMoE(torch.autograd.Function):
     """Sorted-row MoE with a hand-written backward. Rows are sorted by expert; per expert, forward gathers its
     tokens, runs the gate/up GEMM, SwiGLU with the routing weight folded into the [n, I] hidden
     (w * (a @ Wd.T) = (w * a) @ Wd.T), the down GEMM, and index_adds the rows into the calling thread's [T, H]
     accumulator. Saves only the [S, 2I] pre-activations and the routing. Backward re-gathers x and the upstream
     grad per expert and runs its four GEMMs (da, dW_down, dW_gate_up, dx) with SwiGLU's backward in between.
-    No [S, H] tensor is ever formed, and no per-token Python: the only loop is over experts."""
+    No [S, H] tensor is ever formed, and no per-token Python: the only loop is over experts. Each thread writes
+    an expert's gathered rows, GEMM outputs and SwiGLU steps into its own scratch buffers ([max rows, .]),
+    reused expert after expert, so they stay in the core's cache instead of being fresh memory every time
+    (3-7% of the routed forward+backward at the bench shape)."""
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_gate_up, w_down):
@@ -133,29 +140,34 @@ class _SortedMoE(torch.autograd.Function):
         I = I2 // 2
         dt, acc = x.dtype, torch.promote_types(x.dtype, torch.float32)  # SwiGLU, weights, sums in >= fp32
         order, counts, offsets = sort_by_expert(topk_ids, E)
-        bounds = offsets.tolist()
+        bounds, rows = offsets.tolist(), int(counts.max())
         tok = order // K  # [S] token of each sorted row
         ws = topk_weights.reshape(-1)[order].to(acc)[:, None]  # [S, 1] routing weight of each sorted row
         h = x.new_empty(len(order), I2)  # [S, 2I] gate | up pre-activations, saved for backward
         workers = _workers(x)
         outs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)]
+        # per thread: gathered x rows [rows, H], hidden [rows, I], down-GEMM output [rows, H]
+        scratch = [(x.new_empty(rows, H), x.new_empty(rows, I, dtype=acc), x.new_empty(rows, H))
+                   for _ in range(workers)]
 
         def expert(e, w):
             r = slice(bounds[e], bounds[e + 1])
-            te = tok[r]
-            he = torch.mm(x.index_select(0, te), w_gate_up[e].t(), out=h[r])  # [n, 2I] 'nh,ih->ni'
-            a = F.silu(he[:, :I].to(acc)).mul_(he[:, I:]).mul_(ws[r])  # [n, I] w * silu(gate) * up
-            outs[w].index_add_(0, te, torch.mm(a.to(dt), w_down[e].t()).to(acc))  # 'ni,hi->nh', scatter-add
+            n, te = r.stop - r.start, tok[r]
+            xs, a_buf, y_buf = (b[:n] for b in scratch[w])
+            he = torch.mm(torch.index_select(x, 0, te, out=xs), w_gate_up[e].t(), out=h[r])  # [n, 2I] 'nh,ih->ni'
+            a = _silu_out(he[:, :I].to(acc), out=a_buf).mul_(he[:, I:]).mul_(ws[r])  # [n, I] w * silu(gate) * up
+            y = torch.mm(a.to(dt), w_down[e].t(), out=y_buf)  # [n, H] 'ni,hi->nh'
+            outs[w].index_add_(0, te, y.to(acc))  # scatter-add into this thread's accumulator
 
         used = _expert_parallel(expert, bounds, workers)
         ctx.save_for_backward(x, topk_weights, w_gate_up, w_down, order, h, ws)
-        ctx.bounds, ctx.K = bounds, K
+        ctx.bounds, ctx.K, ctx.rows = bounds, K, rows
         return _sum_buffers(outs, used).to(dt)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, topk_weights, w_gate_up, w_down, order, h, ws = ctx.saved_tensors
-        bounds, K = ctx.bounds, ctx.K
+        bounds, K, rows = ctx.bounds, ctx.K, ctx.rows
         T, H = x.shape
         I = h.shape[1] // 2
         tok = order // K
@@ -173,31 +185,37 @@ class _SortedMoE(torch.autograd.Function):
                         dw[e].zero_()
         workers = _workers(x)
         dxs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)] if need_x else None
+        # per thread: grad rows / x rows / dx rows [rows, H] (dt), da, silu(gate), a [rows, I] and dh [rows, 2I] (acc)
+        scratch = [(x.new_empty(rows, H), x.new_empty(rows, H), x.new_empty(rows, H),
+                    x.new_empty(rows, I), *(x.new_empty(rows, I, dtype=acc) for _ in range(3)),
+                    x.new_empty(rows, 2 * I, dtype=acc)) for _ in range(workers)]
 
         def expert(e, w):
             r = slice(bounds[e], bounds[e + 1])
-            te = tok[r]
-            ge = g.index_select(0, te)  # [n, H] rows of the upstream grad
-            da = torch.mm(ge, w_down[e]).to(acc)  # [n, I] 'nh,hi->ni'
+            n, te = r.stop - r.start, tok[r]
+            gs, xs, dx_buf, da_buf, da_acc, act_buf, a_buf, dh = (b[:n] for b in scratch[w])
+            ge = torch.index_select(g, 0, te, out=gs)  # [n, H] rows of the upstream grad
+            da = torch.mm(ge, w_down[e], out=da_buf)  # [n, I] 'nh,hi->ni'
+            da = da_acc.copy_(da) if dt != acc else da
             gate, up = h[r, :I].to(acc), h[r, I:].to(acc)
-            act = F.silu(gate)
+            act = _silu_out(gate, out=act_buf)
             if need_w or need_d:
-                a = act * up  # [n, I] expert hidden, recomputed from the saved pre-activations
+                a = torch.mul(act, up, out=a_buf)  # [n, I] expert hidden, recomputed from the saved pre-activations
                 if need_w:
-                    torch.sum(da * a, -1, out=dws[r])  # d out / d weight = <grad, y_e> = <grad @ W_down, a>
+                    torch.linalg.vecdot(da, a, out=dws[r])  # d out / d weight = <grad, y_e> = <grad @ W_down, a>
                 if need_d:
                     torch.mm(ge.t(), a.mul_(ws[r]).to(dt), out=dwd[e])  # [H, I] 'nh,ni->hi'
             if not (need_gu or need_x):
                 return
             da.mul_(ws[r])
-            dh = torch.empty(h[r].shape, dtype=acc, device=x.device)  # [n, 2I] d gate | d up
-            torch.ops.aten.silu_backward.grad_input(da * up, gate, grad_input=dh[:, :I])
-            torch.mul(da, act, out=dh[:, I:])
-            dh = dh.to(dt)
+            dgate = torch.mul(da, up, out=dh[:, :I])
+            _silu_backward_out(dgate, gate, grad_input=dgate)  # [n, I] d gate, in place
+            torch.mul(da, act, out=dh[:, I:])  # [n, I] d up
+            dhd = dh.to(dt)
             if need_gu:
-                torch.mm(dh.t(), x.index_select(0, te), out=dwgu[e])  # [2I, H] 'ni,nh->ih'
+                torch.mm(dhd.t(), torch.index_select(x, 0, te, out=xs), out=dwgu[e])  # [2I, H] 'ni,nh->ih'
             if need_x:
-                dxs[w].index_add_(0, te, torch.mm(dh, w_gate_up[e]).to(acc))  # 'ni,ih->nh', scatter-add
+                dxs[w].index_add_(0, te, torch.mm(dhd, w_gate_up[e], out=dx_buf).to(acc))  # 'ni,ih->nh'
 
         used = _expert_parallel(expert, bounds, workers)
         dx = _sum_buffers(dxs, used).to(dt) if need_x else None
