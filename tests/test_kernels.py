@@ -6,10 +6,17 @@ fused log-prob within atol 2e-4 (its softmax is fp32 over chunks, the reference'
 bf16 MoE within 3e-2 of the fp32 reference relative to the output scale.
 """
 
+import os
+import subprocess
+import sys
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import grpo.kernels.moe as moe_mod
+from grpo.kernels import cpu_swiglu
 from grpo.kernels.logprob import fused_logprob, logprob_reference
 from grpo.kernels.moe import align_blocks, moe_ffn, moe_ffn_triton
 from grpo.kernels.rmsnorm import rms_norm, rms_norm_reference
@@ -48,12 +55,14 @@ def _assert_close(got, want, atol, rtol):
 # ------------------------------------------------------------------ MoE
 
 
+@pytest.mark.parametrize("c_swiglu", [True, False], ids=["c-swiglu", "torch-swiglu"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("T,H,E,K,I,seed", [(37, 40, 5, 2, 20, 0), (53, 25, 7, 3, 19, 1)])
-def test_moe_torch_matches_reference(T, H, E, K, I, seed, threads, monkeypatch):
+def test_moe_torch_matches_reference(T, H, E, K, I, seed, threads, c_swiglu, monkeypatch):
     """The expert loop on the calling thread alone, and split over 2 and 3 threads (each with its own [T, H]
-    accumulator, summed at the end)."""
+    accumulator, summed at the end); SwiGLU as the compiled C pass (where it builds) and as torch ops."""
     monkeypatch.setattr(moe_mod, "EXPERT_THREADS", threads)
+    monkeypatch.setattr(moe_mod, "C_SWIGLU", c_swiglu)
     inputs = _moe_inputs(T, H, E, K, I, seed)
     ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, [0, 2, 3, 4])
     got = _fwd_bwd(lambda *a: moe_ffn(*a, impl="torch"), inputs, [0, 2, 3, 4])
@@ -63,11 +72,13 @@ def test_moe_torch_matches_reference(T, H, E, K, I, seed, threads, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(got[0] + got[1], again[0] + again[1]))  # deterministic
 
 
+@pytest.mark.parametrize("c_swiglu", [True, False], ids=["c-swiglu", "torch-swiglu"])
 @pytest.mark.parametrize("grad_idx", [[0], [0, 2], [2, 3, 4], [3], [4]])
-def test_moe_torch_computes_only_the_grads_asked_for(grad_idx, monkeypatch):
+def test_moe_torch_computes_only_the_grads_asked_for(grad_idx, c_swiglu, monkeypatch):
     """Frozen inputs (e.g. experts frozen under LoRA) get no grad, the rest match the reference, and the skipped
     weight-grad GEMMs are not run: backward does 2-4 GEMMs per expert with rows, by what is asked."""
     monkeypatch.setattr(moe_mod, "EXPERT_THREADS", 1)
+    monkeypatch.setattr(moe_mod, "C_SWIGLU", c_swiglu)
     T, H, E, K, I = 37, 40, 5, 2, 20
     inputs = _moe_inputs(T, H, E, K, I, seed=8)
     ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, grad_idx)
@@ -81,6 +92,89 @@ def test_moe_torch_computes_only_the_grads_asked_for(grad_idx, monkeypatch):
     # per expert: da always; dW_down if asked; dh-side GEMMs: dW_gate_up if asked, dx if asked
     per_expert = 1 + (4 in grad_idx) + (3 in grad_idx) + (0 in grad_idx)
     assert len(calls) == per_expert * (E - 1)  # expert E-1 has no rows
+
+
+needs_cc = pytest.mark.skipif(cpu_swiglu.compiler() is None, reason="needs a C compiler (cc, gcc or clang) on Linux")
+
+
+@needs_cc
+def test_cpu_swiglu_builds_where_a_compiler_is():
+    """With a compiler present the fused pass must build and pass its self-check, not quietly fall back."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # load()'s fallback warning, if any, fails this test with its reason
+        assert cpu_swiglu.load() is not None
+
+
+@needs_cc
+@pytest.mark.parametrize("n,I,seed", [(1, 1, 0), (37, 45, 1), (130, 257, 2)])
+def test_cpu_swiglu_matches_torch_ops(n, I, seed):
+    """The C passes against torch's silu / silu_backward on odd shapes (vector tails) and saturated gates."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, 2 * I, generator=g) * 4
+    h[0, 0] = -200.0 if I > 1 else h[0, 0]  # exp overflows to inf: silu and its slope must come out 0, not NaN
+    w, da = torch.rand(n, 1, generator=g) + 0.1, torch.randn(n, I, generator=g)
+    gate, up = h[:, :I], h[:, I:]
+    a, aw, dw, dh = torch.empty(n, I), torch.empty(n, I), torch.empty(n), torch.empty(n, 2 * I)
+    lib = cpu_swiglu.load()
+    cpu_swiglu.swiglu_fwd(lib, h, w, a)
+    cpu_swiglu.swiglu_bwd(lib, h, da, w, aw, dw, dh)
+    act = F.silu(gate)
+    want_dh = torch.cat([torch.ops.aten.silu_backward(w * da * up, gate), w * da * act], 1)
+    for got, want in ((a, w * act * up), (aw, w * act * up), (dw, (da * act * up).sum(-1)), (dh, want_dh)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_cc
+def test_cpu_swiglu_refuses_rows_it_would_misread():
+    """Raw pointers: a strided view or a wrong dtype is an error, not a silent misread."""
+    lib, h, w = cpu_swiglu.load(), torch.randn(8, 10), torch.rand(8, 1)
+    with pytest.raises(ValueError, match="contiguous fp32 CPU tensor of shape"):
+        cpu_swiglu.swiglu_fwd(lib, h[::2], w[::2], torch.empty(4, 5))
+    with pytest.raises(ValueError, match="float64"):
+        cpu_swiglu.swiglu_fwd(lib, h.double(), w, torch.empty(8, 5))
+
+
+_PROBE = """
+import warnings, torch
+from grpo.kernels import cpu_swiglu, moe_ffn
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    lib = cpu_swiglu.load()
+x, w = torch.randn(20, 12), torch.rand(20, 2)
+ids = torch.stack([torch.randperm(4)[:2] for _ in range(20)])
+wgu, wd = torch.randn(4, 16, 12) * 0.3, torch.randn(4, 12, 8) * 0.3
+diff = (moe_ffn(x, ids, w, wgu, wd, impl="torch") - moe_ffn(x, ids, w, wgu, wd, impl="reference")).abs().max()
+print("loaded" if lib is not None else "fallback", f"{diff.item():.1e}", "|".join(str(c.message) for c in caught))
+"""
+
+
+def _probe(tmp_path, **env):
+    """Load the C SwiGLU in a fresh interpreter with this environment; returns its one printed line, split."""
+    full = {**os.environ, "R1KIT_CACHE_DIR": str(tmp_path / "cache"), **env}
+    r = subprocess.run([sys.executable, "-c", _PROBE], env=full, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return (r.stdout.strip().split(" ", 2) + [""])[:3]
+
+
+@needs_cc
+def test_cpu_swiglu_builds_once_into_its_cache(tmp_path):
+    """First process compiles into R1KIT_CACHE_DIR; a second one loads the same file without rebuilding."""
+    state, diff, _ = _probe(tmp_path)
+    assert state == "loaded" and float(diff) < 1e-5
+    (so,) = (tmp_path / "cache" / "kernels").glob("swiglu-*.so")
+    before = so.stat().st_mtime_ns
+    assert _probe(tmp_path)[0] == "loaded"
+    assert so.stat().st_mtime_ns == before and list(so.parent.iterdir()) == [so]  # no rebuild, no leftovers
+
+
+def test_cpu_swiglu_without_a_compiler_falls_back_to_torch_ops(tmp_path):
+    """No compiler (a real missing binary, not a mock): one warning saying so, and the MoE still matches."""
+    state, diff, warning = _probe(tmp_path, CC=str(tmp_path / "no-such-cc"))
+    assert state == "fallback" and float(diff) < 1e-5
+    assert "fused C SwiGLU for the CPU MoE is off" in warning and "no-such-cc" in warning
+    state, _, warning = _probe(tmp_path, R1KIT_CPU_KERNELS="0")
+    assert state == "fallback" and warning == ""  # switched off on purpose: no warning
 
 
 def test_moe_torch_gradcheck_float64():

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from grpo.kernels import cpu_swiglu
+
 try:  # triton is optional: CPU installs run the torch path
     import triton
     import triton.language as tl
@@ -68,6 +70,7 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
 
 
 EXPERT_THREADS: int | None = None  # CPU threads for the expert loop; None = torch.get_num_threads()
+C_SWIGLU = True  # fp32 on CPU: SwiGLU as one compiled C pass each way (cpu_swiglu.py) when it builds here
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): a forked child makes its own
 
 
@@ -75,6 +78,11 @@ def _workers(x: torch.Tensor) -> int:
     """Threads for the expert loop: several on CPU (independent single-stream GEMMs per thread beat one GEMM at a
     time split across threads), one elsewhere (a GPU queues the kernels itself)."""
     return (EXPERT_THREADS or torch.get_num_threads()) if x.device.type == "cpu" else 1
+
+
+def _c_swiglu(x: torch.Tensor):
+    """The compiled SwiGLU library when x is fp32 on CPU and it is available, else None (torch ops)."""
+    return cpu_swiglu.load() if C_SWIGLU and x.device.type == "cpu" and x.dtype == torch.float32 else None
 
 
 def _expert_parallel(fn, bounds: list[int], workers: int) -> int:
@@ -144,7 +152,7 @@ class _SortedMoE(torch.autograd.Function):
         tok = order // K  # [S] token of each sorted row
         ws = topk_weights.reshape(-1)[order].to(acc)[:, None]  # [S, 1] routing weight of each sorted row
         h = x.new_empty(len(order), I2)  # [S, 2I] gate | up pre-activations, saved for backward
-        workers = _workers(x)
+        workers, lib = _workers(x), _c_swiglu(x)
         outs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)]
         # per thread: gathered x rows [rows, H], hidden [rows, I], down-GEMM output [rows, H]
         scratch = [(x.new_empty(rows, H), x.new_empty(rows, I, dtype=acc), x.new_empty(rows, H))
@@ -155,7 +163,10 @@ class _SortedMoE(torch.autograd.Function):
             n, te = r.stop - r.start, tok[r]
             xs, a_buf, y_buf = (b[:n] for b in scratch[w])
             he = torch.mm(torch.index_select(x, 0, te, out=xs), w_gate_up[e].t(), out=h[r])  # [n, 2I] 'nh,ih->ni'
-            a = _silu_out(he[:, :I].to(acc), out=a_buf).mul_(he[:, I:]).mul_(ws[r])  # [n, I] w * silu(gate) * up
+            if lib is not None:  # [n, I] w * silu(gate) * up
+                a = cpu_swiglu.swiglu_fwd(lib, he, ws[r], a_buf)
+            else:
+                a = _silu_out(he[:, :I].to(acc), out=a_buf).mul_(he[:, I:]).mul_(ws[r])
             y = torch.mm(a.to(dt), w_down[e].t(), out=y_buf)  # [n, H] 'ni,hi->nh'
             outs[w].index_add_(0, te, y.to(acc))  # scatter-add into this thread's accumulator
 
@@ -183,7 +194,7 @@ class _SortedMoE(torch.autograd.Function):
                 for dw in (dwgu, dwd):
                     if dw is not None:
                         dw[e].zero_()
-        workers = _workers(x)
+        workers, lib = _workers(x), _c_swiglu(x)
         dxs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)] if need_x else None
         # per thread: grad rows / x rows / dx rows [rows, H] (dt), da, silu(gate), a [rows, I] and dh [rows, 2I] (acc)
         scratch = [(x.new_empty(rows, H), x.new_empty(rows, H), x.new_empty(rows, H),
@@ -196,22 +207,26 @@ class _SortedMoE(torch.autograd.Function):
             gs, xs, dx_buf, da_buf, da_acc, act_buf, a_buf, dh = (b[:n] for b in scratch[w])
             ge = torch.index_select(g, 0, te, out=gs)  # [n, H] rows of the upstream grad
             da = torch.mm(ge, w_down[e], out=da_buf)  # [n, I] 'nh,hi->ni'
-            da = da_acc.copy_(da) if dt != acc else da
-            gate, up = h[r, :I].to(acc), h[r, I:].to(acc)
-            act = _silu_out(gate, out=act_buf)
-            if need_w or need_d:
-                a = torch.mul(act, up, out=a_buf)  # [n, I] expert hidden, recomputed from the saved pre-activations
-                if need_w:
-                    torch.linalg.vecdot(da, a, out=dws[r])  # d out / d weight = <grad, y_e> = <grad @ W_down, a>
+            if lib is not None:  # one C pass: dws, w * a (for dW_down) and dh, all of them whatever is asked
+                cpu_swiglu.swiglu_bwd(lib, h[r], da, ws[r], a_buf, dws[r] if need_w else act_buf.view(-1)[:n], dh)
                 if need_d:
-                    torch.mm(ge.t(), a.mul_(ws[r]).to(dt), out=dwd[e])  # [H, I] 'nh,ni->hi'
-            if not (need_gu or need_x):
-                return
-            da.mul_(ws[r])
-            dgate = torch.mul(da, up, out=dh[:, :I])
-            _silu_backward_out(dgate, gate, grad_input=dgate)  # [n, I] d gate, in place
-            torch.mul(da, act, out=dh[:, I:])  # [n, I] d up
-            dhd = dh.to(dt)
+                    torch.mm(ge.t(), a_buf, out=dwd[e])  # [H, I] 'nh,ni->hi'
+            else:
+                da = da_acc.copy_(da) if dt != acc else da
+                gate, up = h[r, :I].to(acc), h[r, I:].to(acc)
+                act = _silu_out(gate, out=act_buf)
+                if need_w or need_d:
+                    a = torch.mul(act, up, out=a_buf)  # [n, I] expert hidden, recomputed from the saved pre-activations
+                    if need_w:
+                        torch.linalg.vecdot(da, a, out=dws[r])  # d out / d weight = <grad, y_e> = <grad @ W_down, a>
+                    if need_d:
+                        torch.mm(ge.t(), a.mul_(ws[r]).to(dt), out=dwd[e])  # [H, I] 'nh,ni->hi'
+                if need_gu or need_x:
+                    da.mul_(ws[r])
+                    dgate = torch.mul(da, up, out=dh[:, :I])
+                    _silu_backward_out(dgate, gate, grad_input=dgate)  # [n, I] d gate, in place
+                    torch.mul(da, act, out=dh[:, I:])  # [n, I] d up
+            dhd = dh.to(dt)  # [n, 2I] d gate | d up
             if need_gu:
                 torch.mm(dhd.t(), torch.index_select(x, 0, te, out=xs), out=dwgu[e])  # [2I, H] 'ni,nh->ih'
             if need_x:
