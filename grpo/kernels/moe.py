@@ -6,7 +6,8 @@ Layout matches transformers' DeepseekV3 experts (`DeepseekV3Experts`, 5.19):
   out[t] = sum_k topk_weights[t, k] * y_{topk_ids[t, k]}[t].
 Both fast paths sort the T*K (token, slot) pairs by expert so that each expert's rows are contiguous, run that
 expert's GEMMs on its rows, and scatter the weighted rows back; neither loops over tokens in Python. The torch
-path walks the experts (split over CPU threads), the Triton path launches grouped GEMMs over row blocks.
+path walks the experts (split over CPU threads; fp32 SwiGLU as one C pass, cpu_swiglu.py), the Triton path
+launches grouped GEMMs over row blocks.
 Dispatch: Triton on CUDA tensors (when triton imports), the sorted torch path elsewhere.
 """
 
@@ -138,7 +139,8 @@ class _SortedMoE(torch.autograd.Function):
     No [S, H] tensor is ever formed, and no per-token Python: the only loop is over experts. Each thread writes
     an expert's gathered rows, GEMM outputs and SwiGLU steps into its own scratch buffers ([max rows, .]),
     reused expert after expert, so they stay in the core's cache instead of being fresh memory every time
-    (3-7% of the routed forward+backward at the bench shape)."""
+    (3-7% of the routed forward+backward at the bench shape). In fp32 on CPU, SwiGLU and its backward are one
+    compiled C pass each (cpu_swiglu.py) instead of three and eight torch ops, where the C kernel builds."""
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_gate_up, w_down):
