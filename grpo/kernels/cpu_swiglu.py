@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -67,6 +68,7 @@ _LIB: list = []  # [] = not tried yet, [None] = unavailable, [lib] = loaded
 
 
 def _cache_dir() -> str:
+    """Where built libraries live: $R1KIT_CACHE_DIR/kernels, else $XDG_CACHE_HOME (or ~/.cache)/r1kit/kernels."""
     root = os.environ.get("R1KIT_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "r1kit")
     return os.path.join(root, "kernels")
@@ -83,7 +85,8 @@ def _cpu_id() -> str:
 
 def _compile(cc: str) -> str:
     """Build (or find cached) the shared library; returns its path. Raises on a failed build."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    cmd = shlex.split(cc)  # CC may carry a wrapper or flags, e.g. "ccache gcc"
+    version = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, *_LIBS, cc, version, _cpu_id()]).encode()).hexdigest()[:16]
     out_dir = _cache_dir()
     path = os.path.join(out_dir, f"swiglu-{key}.so")
@@ -94,7 +97,7 @@ def _compile(cc: str) -> str:
         src, lib = os.path.join(tmp, "swiglu.c"), os.path.join(tmp, "swiglu.so")
         with open(src, "w") as f:
             f.write(_SOURCE)
-        r = subprocess.run([cc, *_FLAGS, "-o", lib, src, *_LIBS], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([*cmd, *_FLAGS, "-o", lib, src, *_LIBS], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r}")
         os.replace(lib, path)  # atomic: a reader sees no file or the whole library
