@@ -2,9 +2,9 @@
 
 Why C: per expert, torch's elementwise ops make eight passes over the [n, I] rows in backward (silu, product,
 row dot, two weight scalings, silu_backward, two products) and three in forward, each reading rows that the
-GEMMs around them have pushed out of cache; one pass reads them once. Triton has no CPU backend here and
-torch.compile would need a multi-second compile per shape on every worker thread, so this is a few lines of C
-built with `cc` (about 0.1 s), cached by a hash of source, flags, compiler and CPU, and called through ctypes
+GEMMs around them have pushed out of cache; one pass reads them once. Triton has no CPU backend here, and
+torch.compile took 10.6 s to compile the forward alone and 168 us a call on one expert's [384, 512] rows
+(this C pass: 39 us), so this is a few lines of C built with `cc` (about 0.1 s), cached by a hash of source, flags, compiler and CPU, and called through ctypes
 (which releases the GIL, so the expert threads run it in parallel). expf is vectorised by glibc's libmvec.
 Anything missing (no compiler, no libmvec, a result that disagrees with torch) -> `load()` returns None with one
 warning and the caller keeps the torch ops; off Linux it stays off silently. R1KIT_CPU_KERNELS=0 turns it off;
