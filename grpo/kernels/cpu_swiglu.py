@@ -4,8 +4,9 @@ Why C: per expert, torch's elementwise ops make eight passes over the [n, I] row
 row dot, two weight scalings, silu_backward, two products) and three in forward, each reading rows that the
 GEMMs around them have pushed out of cache; one pass reads them once. Triton has no CPU backend here, and
 torch.compile took 10.6 s to compile the forward alone and 168 us a call on one expert's [384, 512] rows
-(this C pass: 39 us), so this is a few lines of C built with `cc` (about 0.1 s), cached by a hash of source, flags, compiler and CPU, and called through ctypes
-(which releases the GIL, so the expert threads run it in parallel). expf is vectorised by glibc's libmvec.
+(this C pass: 39 us), so this is a few lines of C built with `cc` (about 0.1 s), cached by a hash of source,
+flags, compiler and CPU, and called through ctypes (which releases the GIL, so the expert threads run it in
+parallel). expf is vectorised by glibc's libmvec.
 Anything missing (no compiler, no libmvec, a result that disagrees with torch) -> `load()` returns None with one
 warning and the caller keeps the torch ops; off Linux it stays off silently. R1KIT_CPU_KERNELS=0 turns it off;
 R1KIT_CACHE_DIR moves the cache. Only fp32: other dtypes keep the torch ops.
@@ -122,9 +123,8 @@ def _self_check(lib) -> float:
     h[0, :4] = torch.tensor([-100.0, 100.0, -20.0, 30.0])
     w, da = torch.rand(n, 1, generator=g) + 0.1, torch.randn(n, I, generator=g)
     got = [torch.empty(n, I), torch.empty(n), torch.empty(n, I), torch.empty(n, 2 * I)]
-    lib.swiglu_fwd(h.data_ptr(), w.data_ptr(), got[0].data_ptr(), n, I)
-    lib.swiglu_bwd(h.data_ptr(), da.data_ptr(), w.data_ptr(), got[2].data_ptr(), got[1].data_ptr(),
-                   got[3].data_ptr(), n, I)
+    swiglu_fwd(lib, h, w, got[0])
+    swiglu_bwd(lib, h, da, w, got[2], got[1], got[3])
     return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, reference(h, da, w)))
 
 
@@ -164,17 +164,18 @@ def load():
         return lib
 
 
-def _check(t: torch.Tensor, shape: tuple) -> None:
-    """The C code walks raw pointers: anything but contiguous fp32 CPU rows of this shape would corrupt memory."""
-    if t.shape != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError(f"cpu_swiglu: expected a contiguous fp32 CPU tensor of shape {shape}, got "
-                         f"{t.dtype} {tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")
+def _check(*pairs: tuple[torch.Tensor, tuple]) -> None:
+    """The C code walks raw pointers: anything but contiguous fp32 CPU rows of these shapes would corrupt memory."""
+    for t, shape in pairs:
+        if t.shape != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"cpu_swiglu: expected a contiguous fp32 CPU tensor of shape {shape}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")
 
 
 def swiglu_fwd(lib, h: torch.Tensor, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """a[n, I] = w[n, 1] * silu(gate) * up for h[n, 2I] = [gate | up]; all fp32, contiguous, on CPU."""
     n, I = a.shape
-    _check(h, (n, 2 * I)), _check(w, (n, 1)), _check(a, (n, I))
+    _check((h, (n, 2 * I)), (w, (n, 1)), (a, (n, I)))
     lib.swiglu_fwd(h.data_ptr(), w.data_ptr(), a.data_ptr(), n, I)
     return a
 
@@ -183,6 +184,5 @@ def swiglu_bwd(lib, h, da, w, aw, dw, dh) -> None:
     """From h[n, 2I] and da[n, I] (the unweighted grad of the hidden): dw[n] = <da, silu(gate) * up> per row,
     aw[n, I] = w * silu(gate) * up, dh[n, 2I] = d(w * silu(gate) * up) / d[gate | up] times da."""
     n, I = da.shape
-    _check(h, (n, 2 * I)), _check(da, (n, I)), _check(w, (n, 1)), _check(aw, (n, I)), _check(dw, (n,))
-    _check(dh, (n, 2 * I))
+    _check((h, (n, 2 * I)), (da, (n, I)), (w, (n, 1)), (aw, (n, I)), (dw, (n,)), (dh, (n, 2 * I)))
     lib.swiglu_bwd(h.data_ptr(), da.data_ptr(), w.data_ptr(), aw.data_ptr(), dw.data_ptr(), dh.data_ptr(), n, I)
