@@ -7,10 +7,11 @@ experts differ: transformers' `eager` backend (its default), its `grouped_mm` ba
 forward+backward) against the machine's matmul peak, measured here before, between and after the rounds
 (the best of all). Variants run round-robin and each reports its fastest round (fair on a shared machine). As
 `r1` does, the run first keeps glibc's freed large blocks for reuse (grpo/runtime.py); --glibc-default skips
-that. On CPU, r1kit's fp32 SwiGLU is the compiled C pass where it builds (grpo/kernels/cpu_swiglu.py);
---torch-swiglu keeps torch's ops. The last line is r1kit's speed-up over the faster transformers backend.
+that. On CPU, r1kit's fp32 expert loop is compiled C where it builds (grpo/kernels/cpu_moe.py); --cpu-c swiglu
+keeps the loop in Python with only SwiGLU in C, --cpu-c off uses torch's ops throughout. The last line is r1kit's
+speed-up over the faster transformers backend.
 
-    python bench/moe.py [--tokens 4096] [--repeats 3] [--no-bf16] [--glibc-default] [--torch-swiglu]
+    python bench/moe.py [--tokens 4096] [--repeats 3] [--no-bf16] [--glibc-default] [--cpu-c loop|swiglu|off]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import grpo.kernels.moe as moe_mod  # noqa: E402
-from grpo.kernels import cpu_swiglu  # noqa: E402
+from grpo.kernels import cpu_moe  # noqa: E402
 from grpo.kernels.moe import moe_ffn  # noqa: E402
 from grpo.runtime import keep_freed_memory  # noqa: E402
 
@@ -134,16 +135,18 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--glibc-default", action="store_true", help="leave glibc's malloc thresholds as they are")
-    ap.add_argument("--torch-swiglu", action="store_true", help="SwiGLU as torch ops, not the compiled C pass")
+    ap.add_argument("--cpu-c", choices=["loop", "swiglu", "off"], default="loop",
+                    help="fp32 CPU: the expert loop in C (default), only SwiGLU in C, or torch ops throughout")
     args = ap.parse_args()
     kept = False if args.glibc_default else keep_freed_memory()
-    moe_mod.C_SWIGLU = not args.torch_swiglu
+    moe_mod.CPU_C = args.cpu_c
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; freed large blocks kept for reuse (grpo/runtime.py): {kept}")
     if device.type == "cpu":
-        c_pass = moe_mod.C_SWIGLU and cpu_swiglu.load() is not None
-        print(f"fp32 SwiGLU as the compiled C pass (grpo/kernels/cpu_swiglu.py): {c_pass}")
+        lib = cpu_moe.load() if args.cpu_c != "off" else None
+        c = "off" if lib is None else "swiglu" if args.cpu_c == "swiglu" or lib.sgemm is None else "loop"
+        print(f"fp32 CPU MoE in compiled C (grpo/kernels/cpu_moe.py): {c}")
     peak32 = matmul_peak(torch.float32, device)
     peak16 = matmul_peak(torch.bfloat16, device)
     print(f"matmul peak before the runs: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")

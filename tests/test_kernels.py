@@ -15,12 +15,13 @@ import pytest
 import torch
 
 import grpo.kernels.moe as moe_mod
-from grpo.kernels import cpu_swiglu
+from grpo.kernels import cpu_moe
 from grpo.kernels.logprob import fused_logprob, logprob_reference
 from grpo.kernels.moe import align_blocks, moe_ffn, moe_ffn_triton
 from grpo.kernels.rmsnorm import rms_norm, rms_norm_reference
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cc = pytest.mark.skipif(cpu_moe.compiler() is None, reason="needs a C compiler (cc, gcc or clang) on Linux")
 
 
 def _moe_inputs(T, H, E, K, I, seed, dtype=torch.float32, empty_expert=True):
@@ -54,14 +55,14 @@ def _assert_close(got, want, atol, rtol):
 # ------------------------------------------------------------------ MoE
 
 
-@pytest.mark.parametrize("c_swiglu", [True, False], ids=["c-swiglu", "torch-swiglu"])
+@pytest.mark.parametrize("cpu_c", ["loop", "swiglu", "off"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("T,H,E,K,I,seed", [(37, 40, 5, 2, 20, 0), (53, 25, 7, 3, 19, 1)])
-def test_moe_torch_matches_reference(T, H, E, K, I, seed, threads, c_swiglu, monkeypatch):
+def test_moe_torch_matches_reference(T, H, E, K, I, seed, threads, cpu_c, monkeypatch):
     """The expert loop on the calling thread alone, and split over 2 and 3 threads (each with its own [T, H]
-    accumulator, summed at the end); SwiGLU as the compiled C pass (where it builds) and as torch ops."""
+    accumulator, summed at the end); the loop in C, only SwiGLU in C (where they build), and torch ops."""
     monkeypatch.setattr(moe_mod, "EXPERT_THREADS", threads)
-    monkeypatch.setattr(moe_mod, "C_SWIGLU", c_swiglu)
+    monkeypatch.setattr(moe_mod, "CPU_C", cpu_c)
     inputs = _moe_inputs(T, H, E, K, I, seed)
     ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, [0, 2, 3, 4])
     got = _fwd_bwd(lambda *a: moe_ffn(*a, impl="torch"), inputs, [0, 2, 3, 4])
@@ -71,20 +72,34 @@ def test_moe_torch_matches_reference(T, H, E, K, I, seed, threads, c_swiglu, mon
     assert all(torch.equal(a, b) for a, b in zip(got[0] + got[1], again[0] + again[1]))  # deterministic
 
 
-@pytest.mark.parametrize("c_swiglu", [True, False], ids=["c-swiglu", "torch-swiglu"])
+@needs_cc
+def test_moe_c_loop_equals_the_python_loop_bit_for_bit(monkeypatch):
+    """The C loop calls the same MKL sgemm in the same order as the Python loop: outputs and grads are identical."""
+    monkeypatch.setattr(moe_mod, "EXPERT_THREADS", 2)
+    inputs = _moe_inputs(61, 40, 7, 3, 24, seed=5)
+    runs = []
+    for cpu_c in ("loop", "swiglu"):
+        monkeypatch.setattr(moe_mod, "CPU_C", cpu_c)
+        out, grads = _fwd_bwd(lambda *a: moe_ffn(*a, impl="torch"), inputs, [0, 2, 3, 4])
+        runs.append(out + grads)
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize("cpu_c", ["loop", "swiglu", "off"])
 @pytest.mark.parametrize("grad_idx", [[0], [0, 2], [2, 3, 4], [3], [4]])
-def test_moe_torch_computes_only_the_grads_asked_for(grad_idx, c_swiglu, monkeypatch):
+def test_moe_torch_computes_only_the_grads_asked_for(grad_idx, cpu_c, monkeypatch):
     """Frozen inputs (e.g. experts frozen under LoRA) get no grad, the rest match the reference, and the skipped
     weight-grad GEMMs are not run: backward does 2-4 GEMMs per expert with rows, by what is asked."""
     monkeypatch.setattr(moe_mod, "EXPERT_THREADS", 1)
-    monkeypatch.setattr(moe_mod, "C_SWIGLU", c_swiglu)
+    monkeypatch.setattr(moe_mod, "CPU_C", cpu_c)
     T, H, E, K, I = 37, 40, 5, 2, 20
     inputs = _moe_inputs(T, H, E, K, I, seed=8)
     ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, grad_idx)
     leaves = [t.detach().clone().requires_grad_(i in grad_idx) for i, t in enumerate(inputs)]
     out = moe_ffn(*leaves, impl="torch")
-    mm, calls = torch.mm, []
+    mm, calls, bwd = torch.mm, [], cpu_moe.expert_bwd
     monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or mm(*a, **k))
+    monkeypatch.setattr(cpu_moe, "expert_bwd", lambda *a: calls.extend([1] * bwd(*a)))  # the C loop's GEMM count
     grads = torch.autograd.grad(out, [leaves[i] for i in grad_idx],
                                 torch.randn(out.shape, generator=torch.Generator().manual_seed(0)))
     _assert_close(list(grads), ref[1], atol=1e-4, rtol=1e-4)
@@ -93,50 +108,92 @@ def test_moe_torch_computes_only_the_grads_asked_for(grad_idx, c_swiglu, monkeyp
     assert len(calls) == per_expert * (E - 1)  # expert E-1 has no rows
 
 
-needs_cc = pytest.mark.skipif(cpu_swiglu.compiler() is None, reason="needs a C compiler (cc, gcc or clang) on Linux")
-
-
 @needs_cc
-def test_cpu_swiglu_builds_where_a_compiler_is():
+def test_cpu_moe_builds_where_a_compiler_is():
     """With a compiler present the fused pass must build and pass its self-check, not quietly fall back."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # load()'s fallback warning, if any, fails this test with its reason
-        assert cpu_swiglu.load() is not None
+        lib = cpu_moe.load()
+    assert lib is not None
+    assert (lib.sgemm is not None) == torch.backends.mkl.is_available()  # MKL builds run the whole loop in C
+
+
+@needs_cc
+@pytest.mark.parametrize("T,H,E,K,I,seed", [(1, 1, 2, 1, 1, 0), (37, 45, 6, 3, 19, 1), (130, 33, 9, 2, 70, 2)])
+def test_cpu_moe_loop_matches_autograd(T, H, E, K, I, seed):
+    """The C expert loop, forward and backward, against plain autograd over the same sorted rows; odd shapes (vector
+    tails, one-row experts), an expert without rows, saturated gates."""
+    lib = cpu_moe.load()
+    if lib.sgemm is None:
+        pytest.skip("torch is not built with MKL: the loop needs its sgemm (SwiGLU alone is still C)")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(T)])  # expert E-1: no rows
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    bounds = torch.nn.functional.pad(torch.bincount(ids.reshape(-1), minlength=E).cumsum(0), (1, 0))
+    wgu = torch.randn(E, 2 * I, H, generator=g) * 3 / H**0.5
+    args = (torch.randn(T, H, generator=g), torch.randn(T, H, generator=g), order // K,
+            torch.rand(T * K, 1, generator=g), bounds, wgu, torch.randn(E, H, I, generator=g) / I**0.5)
+    got, want = cpu_moe.run_loop(lib, *args), cpu_moe.loop_reference(*args)
+    for a, b in zip(got, want, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert got[2][E - 1].abs().max() == 0 and got[3][E - 1].abs().max() == 0  # zero grads, not stale memory
+
+
+@needs_cc
+def test_cpu_moe_loop_refuses_routing_out_of_range():
+    """The loop indexes rows by token and fills per-expert scratch: a bad token id or too small a scratch is an
+    error before any C runs."""
+    lib = cpu_moe.load()
+    if lib.sgemm is None:
+        pytest.skip("torch is not built with MKL: the loop needs its sgemm (SwiGLU alone is still C)")
+    T, H, E, I, S = 4, 6, 2, 3, 8
+    x, ws, wgu, wd = torch.randn(T, H), torch.rand(S, 1), torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    tok, bounds = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), torch.tensor([0, 4, 8])
+    run = lambda tok, rows: cpu_moe.expert_fwd(lib, x, tok, ws, bounds, 0, E, wgu, wd, torch.empty(S, 2 * I),
+                                               torch.zeros(T, H), cpu_moe.fwd_scratch(rows, H, I))
+    assert run(tok, 4) == 4  # two GEMMs per expert
+    with pytest.raises(ValueError, match="routing out of range"):
+        run(tok.clone().index_fill_(0, torch.tensor([5]), T), 4)
+    with pytest.raises(ValueError, match="routing out of range"):
+        run(tok, 3)
+    with pytest.raises(ValueError, match="int64"):
+        run(tok.int(), 4)
 
 
 @needs_cc
 @pytest.mark.parametrize("n,I,seed", [(1, 1, 0), (37, 45, 1), (130, 257, 2)])
-def test_cpu_swiglu_matches_torch_ops(n, I, seed):
+def test_cpu_moe_matches_torch_ops(n, I, seed):
     """The C passes against torch's silu / silu_backward on odd shapes (vector tails) and saturated gates."""
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, 2 * I, generator=g) * 4
     h[0, 0] = -200.0  # exp overflows to inf: silu and its slope must come out 0, not NaN
     w, da = torch.rand(n, 1, generator=g) + 0.1, torch.randn(n, I, generator=g)
     a, aw, dw, dh = torch.empty(n, I), torch.empty(n, I), torch.empty(n), torch.empty(n, 2 * I)
-    lib = cpu_swiglu.load()
-    cpu_swiglu.swiglu_fwd(lib, h, w, a)
-    cpu_swiglu.swiglu_bwd(lib, h, da, w, aw, dw, dh)
-    for got, want in zip((a, dw, aw, dh), cpu_swiglu.reference(h, da, w), strict=True):
+    lib = cpu_moe.load()
+    cpu_moe.swiglu_fwd(lib, h, w, a)
+    cpu_moe.swiglu_bwd(lib, h, da, w, aw, dw, dh)
+    for got, want in zip((a, dw, aw, dh), cpu_moe.reference(h, da, w), strict=True):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @needs_cc
-def test_cpu_swiglu_refuses_rows_it_would_misread():
+def test_cpu_moe_refuses_rows_it_would_misread():
     """Raw pointers: a strided view or a wrong dtype is an error, not a silent misread."""
-    lib, h, w = cpu_swiglu.load(), torch.randn(8, 10), torch.rand(8, 1)
-    with pytest.raises(ValueError, match="contiguous fp32 CPU tensor of shape"):
-        cpu_swiglu.swiglu_fwd(lib, h[::2], w[::2], torch.empty(4, 5))
+    lib, h, w = cpu_moe.load(), torch.randn(8, 10), torch.rand(8, 1)
+    with pytest.raises(ValueError, match="contiguous torch.float32 CPU tensor of shape"):
+        cpu_moe.swiglu_fwd(lib, h[::2], w[::2], torch.empty(4, 5))
     with pytest.raises(ValueError, match="float64"):
-        cpu_swiglu.swiglu_fwd(lib, h.double(), w, torch.empty(8, 5))
+        cpu_moe.swiglu_fwd(lib, h.double(), w, torch.empty(8, 5))
 
 
 _PROBE = """
 import warnings, torch
-from grpo.kernels import cpu_swiglu, moe_ffn
+from grpo.kernels import cpu_moe, moe_ffn
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    lib = cpu_swiglu.load()
+    lib = cpu_moe.load()
 x, w = torch.randn(20, 12), torch.rand(20, 2)
 ids = torch.stack([torch.randperm(4)[:2] for _ in range(20)])
 wgu, wd = torch.randn(4, 16, 12) * 0.3, torch.randn(4, 12, 8) * 0.3
@@ -154,21 +211,21 @@ def _probe(tmp_path, **env):
 
 
 @needs_cc
-def test_cpu_swiglu_builds_once_into_its_cache(tmp_path):
+def test_cpu_moe_builds_once_into_its_cache(tmp_path):
     """First process compiles into R1KIT_CACHE_DIR; a second one loads the same file without rebuilding."""
     state, diff, _ = _probe(tmp_path)
     assert state == "loaded" and float(diff) < 1e-5
-    (so,) = (tmp_path / "cache" / "kernels").glob("swiglu-*.so")
+    (so,) = (tmp_path / "cache" / "kernels").glob("moe-*.so")
     before = so.stat().st_mtime_ns
     assert _probe(tmp_path)[0] == "loaded"
     assert so.stat().st_mtime_ns == before and list(so.parent.iterdir()) == [so]  # no rebuild, no leftovers
 
 
-def test_cpu_swiglu_without_a_compiler_falls_back_to_torch_ops(tmp_path):
+def test_cpu_moe_without_a_compiler_falls_back_to_torch_ops(tmp_path):
     """No compiler (a real missing binary, not a mock): one warning saying so, and the MoE still matches."""
     state, diff, warning = _probe(tmp_path, CC=str(tmp_path / "no-such-cc"))
     assert state == "fallback" and float(diff) < 1e-5
-    assert "fused C SwiGLU for the CPU MoE is off" in warning and "no-such-cc" in warning
+    assert "compiled C kernels of the CPU MoE are off" in warning and "no-such-cc" in warning
     state, _, warning = _probe(tmp_path, R1KIT_CPU_KERNELS="0")
     assert state == "fallback" and warning == ""  # switched off on purpose: no warning
 

@@ -6,8 +6,8 @@ Layout matches transformers' DeepseekV3 experts (`DeepseekV3Experts`, 5.19):
   out[t] = sum_k topk_weights[t, k] * y_{topk_ids[t, k]}[t].
 Both fast paths sort the T*K (token, slot) pairs by expert so that each expert's rows are contiguous, run that
 expert's GEMMs on its rows, and scatter the weighted rows back; neither loops over tokens in Python. The torch
-path walks the experts (split over CPU threads; fp32 SwiGLU as one C pass, cpu_swiglu.py), the Triton path
-launches grouped GEMMs over row blocks.
+path walks the experts (split over CPU threads; in fp32 each thread's whole expert loop is one compiled C call,
+cpu_moe.py), the Triton path launches grouped GEMMs over row blocks.
 Dispatch: Triton on CUDA tensors (when triton imports), the sorted torch path elsewhere.
 """
 
@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from grpo.kernels import cpu_swiglu
+from grpo.kernels import cpu_moe
 
 try:  # triton is optional: CPU installs run the torch path
     import triton
@@ -71,7 +71,9 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
 
 
 EXPERT_THREADS: int | None = None  # CPU threads for the expert loop; None = torch.get_num_threads()
-C_SWIGLU = True  # fp32 on CPU: SwiGLU as one compiled C pass each way (cpu_swiglu.py) when it builds here
+# fp32 on CPU, where cpu_moe.py builds: "loop" runs each thread's expert loop as one C call (gathers, torch's own
+# MKL sgemm, SwiGLU, scatter-adds); "swiglu" keeps the loop in Python with only SwiGLU in C; "off": torch ops
+CPU_C = "loop"
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): a forked child makes its own
 
 
@@ -81,14 +83,17 @@ def _workers(x: torch.Tensor) -> int:
     return (EXPERT_THREADS or torch.get_num_threads()) if x.device.type == "cpu" else 1
 
 
-def _c_swiglu(x: torch.Tensor):
-    """The compiled SwiGLU library when x is fp32 on CPU and it is available, else None (torch ops)."""
-    return cpu_swiglu.load() if C_SWIGLU and x.device.type == "cpu" and x.dtype == torch.float32 else None
+def _c_kernels(x: torch.Tensor):
+    """(lib, whole loop in C?) for x: the compiled library when x is fp32 on CPU, CPU_C allows it and it builds,
+    else None (torch ops); the loop runs in C where torch's sgemm was found too."""
+    on = CPU_C in ("loop", "swiglu") and x.device.type == "cpu" and x.dtype == torch.float32
+    lib = cpu_moe.load() if on else None
+    return lib, lib is not None and lib.sgemm is not None and CPU_C == "loop"
 
 
 def _expert_parallel(fn, bounds: list[int], workers: int) -> int:
-    """Run fn(e, w) for every expert e with rows, split into at most `workers` contiguous expert ranges of about
-    equal rows; range w runs on thread w (torch ops release the GIL). Returns the number of ranges."""
+    """Split the experts into at most `workers` contiguous ranges [lo, hi) of about equal rows and run
+    fn(lo, hi, w) for range w on thread w (torch ops and the C loop release the GIL). Returns the ranges run."""
     global _POOL
     E = len(bounds) - 1
     cuts = [0] + [bisect.bisect_left(bounds, bounds[-1] * w / workers, 0, E) for w in range(1, workers)] + [E]
@@ -98,9 +103,7 @@ def _expert_parallel(fn, bounds: list[int], workers: int) -> int:
         if len(ranges) > 1:  # one stream per thread: no OpenMP team per op on top of the ranges' threads
             torch.set_num_threads(1)
         with torch.no_grad():  # worker threads start with grad mode on; out= GEMMs must not be recorded
-            for e in range(lo, hi):
-                if bounds[e + 1] > bounds[e]:
-                    fn(e, w)
+            fn(lo, hi, w)
 
     if len(ranges) <= 1:
         run(0, 0, E)
@@ -116,6 +119,15 @@ def _expert_parallel(fn, bounds: list[int], workers: int) -> int:
     finally:  # restored once every range is done (the setting may be process-wide)
         torch.set_num_threads(threads)
     return len(ranges)
+
+
+def _each_expert(expert, bounds: list[int]):
+    """fn(lo, hi, w) for _expert_parallel that calls expert(e, w) for each expert e in [lo, hi) with rows."""
+    def run(lo, hi, w):
+        for e in range(lo, hi):
+            if bounds[e + 1] > bounds[e]:
+                expert(e, w)
+    return run
 
 
 def _sum_buffers(bufs: list[torch.Tensor], n: int) -> torch.Tensor:
@@ -139,11 +151,13 @@ class _SortedMoE(torch.autograd.Function):
     No [S, H] tensor is ever formed, and no per-token Python: the only loop is over experts. Each thread writes
     an expert's gathered rows, GEMM outputs and SwiGLU steps into its own scratch buffers ([max rows, .]),
     reused expert after expert, so they stay in the core's cache instead of being fresh memory every time
-    (3-7% of the routed forward+backward at the bench shape). In fp32 on CPU, SwiGLU and its backward are one
-    compiled C pass each (cpu_swiglu.py) instead of three and eight torch ops, where the C kernel builds."""
+    (3-7% of the routed forward+backward at the bench shape). In fp32 on CPU, where cpu_moe.py builds, each
+    thread's whole range of experts is one C call doing the same steps with torch's own MKL sgemm (no Python or
+    GIL per op; same results bit for bit), SwiGLU and its backward one fused pass each."""
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_gate_up, w_down):
+        x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
         T, H = x.shape
         K = topk_ids.shape[1]
         E, I2, _ = w_gate_up.shape
@@ -154,11 +168,14 @@ class _SortedMoE(torch.autograd.Function):
         tok = order // K  # [S] token of each sorted row
         ws = topk_weights.reshape(-1)[order].to(acc)[:, None]  # [S, 1] routing weight of each sorted row
         h = x.new_empty(len(order), I2)  # [S, 2I] gate | up pre-activations, saved for backward
-        workers, lib = _workers(x), _c_swiglu(x)
+        workers, (lib, c_loop) = _workers(x), _c_kernels(x)
         outs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)]
         # per thread: gathered x rows [rows, H], hidden [rows, I], down-GEMM output [rows, H]
         scratch = [(x.new_empty(rows, H), x.new_empty(rows, I, dtype=acc), x.new_empty(rows, H))
                    for _ in range(workers)]
+
+        def c_experts(lo, hi, w):
+            cpu_moe.expert_fwd(lib, x, tok, ws, offsets, lo, hi, w_gate_up, w_down, h, outs[w], scratch[w])
 
         def expert(e, w):
             r = slice(bounds[e], bounds[e + 1])
@@ -166,20 +183,20 @@ class _SortedMoE(torch.autograd.Function):
             xs, a_buf, y_buf = (b[:n] for b in scratch[w])
             he = torch.mm(torch.index_select(x, 0, te, out=xs), w_gate_up[e].t(), out=h[r])  # [n, 2I] 'nh,ih->ni'
             if lib is not None:  # [n, I] w * silu(gate) * up
-                a = cpu_swiglu.swiglu_fwd(lib, he, ws[r], a_buf)
+                a = cpu_moe.swiglu_fwd(lib, he, ws[r], a_buf)
             else:
                 a = _silu_out(he[:, :I].to(acc), out=a_buf).mul_(he[:, I:]).mul_(ws[r])
             y = torch.mm(a.to(dt), w_down[e].t(), out=y_buf)  # [n, H] 'ni,hi->nh'
             outs[w].index_add_(0, te, y.to(acc))  # scatter-add into this thread's accumulator
 
-        used = _expert_parallel(expert, bounds, workers)
-        ctx.save_for_backward(x, topk_weights, w_gate_up, w_down, order, h, ws)
+        used = _expert_parallel(c_experts if c_loop else _each_expert(expert, bounds), bounds, workers)
+        ctx.save_for_backward(x, topk_weights, w_gate_up, w_down, order, h, ws, offsets)
         ctx.bounds, ctx.K, ctx.rows = bounds, K, rows
         return _sum_buffers(outs, used).to(dt)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, topk_weights, w_gate_up, w_down, order, h, ws = ctx.saved_tensors
+        x, topk_weights, w_gate_up, w_down, order, h, ws, offsets = ctx.saved_tensors
         bounds, K, rows = ctx.bounds, ctx.K, ctx.rows
         T, H = x.shape
         I = h.shape[1] // 2
@@ -191,17 +208,23 @@ class _SortedMoE(torch.autograd.Function):
         dws = torch.empty(len(order), dtype=acc, device=x.device) if need_w else None  # [S] routing-weight grads
         dwgu = torch.empty_like(w_gate_up) if need_gu else None
         dwd = torch.empty_like(w_down) if need_d else None
+        workers, (lib, c_loop) = _workers(x), _c_kernels(x)
         for e in range(len(bounds) - 1):
-            if bounds[e + 1] == bounds[e]:  # an expert with no rows gets a zero gradient
+            if bounds[e + 1] == bounds[e] and not c_loop:  # an expert with no rows gets a zero gradient (C: its own)
                 for dw in (dwgu, dwd):
                     if dw is not None:
                         dw[e].zero_()
-        workers, lib = _workers(x), _c_swiglu(x)
         dxs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)] if need_x else None
-        # per thread: grad rows / x rows / dx rows [rows, H] (dt), da, silu(gate), a [rows, I] and dh [rows, 2I] (acc)
-        scratch = [(x.new_empty(rows, H), x.new_empty(rows, H), x.new_empty(rows, H),
-                    x.new_empty(rows, I), *(x.new_empty(rows, I, dtype=acc) for _ in range(3)),
-                    x.new_empty(rows, 2 * I, dtype=acc)) for _ in range(workers)]
+        if c_loop:  # per thread: see cpu_moe.bwd_scratch
+            scratch = [cpu_moe.bwd_scratch(rows, H, I) for _ in range(workers)]
+        else:  # per thread: grad / x / dx rows [rows, H] (dt), da, silu(gate), a [rows, I] and dh [rows, 2I] (acc)
+            scratch = [(x.new_empty(rows, H), x.new_empty(rows, H), x.new_empty(rows, H),
+                        x.new_empty(rows, I), *(x.new_empty(rows, I, dtype=acc) for _ in range(3)),
+                        x.new_empty(rows, 2 * I, dtype=acc)) for _ in range(workers)]
+
+        def c_experts(lo, hi, w):
+            cpu_moe.expert_bwd(lib, x, g, tok, ws, offsets, lo, hi, w_gate_up, w_down, h, dws, dwgu, dwd,
+                               dxs[w] if need_x else None, scratch[w])
 
         def expert(e, w):
             r = slice(bounds[e], bounds[e + 1])
@@ -210,7 +233,7 @@ class _SortedMoE(torch.autograd.Function):
             ge = torch.index_select(g, 0, te, out=gs)  # [n, H] rows of the upstream grad
             da = torch.mm(ge, w_down[e], out=da_buf)  # [n, I] 'nh,hi->ni'
             if lib is not None:  # one C pass: dws, w * a (for dW_down) and dh, all of them whatever is asked
-                cpu_swiglu.swiglu_bwd(lib, h[r], da, ws[r], a_buf, dws[r] if need_w else act_buf.view(-1)[:n], dh)
+                cpu_moe.swiglu_bwd(lib, h[r], da, ws[r], a_buf, dws[r] if need_w else act_buf.view(-1)[:n], dh)
                 if need_d:
                     torch.mm(ge.t(), a_buf, out=dwd[e])  # [H, I] 'nh,ni->hi'
             else:
@@ -234,7 +257,7 @@ class _SortedMoE(torch.autograd.Function):
             if need_x:
                 dxs[w].index_add_(0, te, torch.mm(dhd, w_gate_up[e], out=dx_buf).to(acc))  # 'ni,ih->nh'
 
-        used = _expert_parallel(expert, bounds, workers)
+        used = _expert_parallel(c_experts if c_loop else _each_expert(expert, bounds), bounds, workers)
         dx = _sum_buffers(dxs, used).to(dt) if need_x else None
         dtw = torch.empty_like(dws).index_copy_(0, order, dws).view(T, K).to(topk_weights.dtype) if need_w else None
         return dx, None, dtw, dwgu, dwd
