@@ -73,16 +73,20 @@ def test_moe_torch_matches_reference(T, H, E, K, I, seed, threads, cpu_c, monkey
 
 
 @needs_cc
-def test_moe_c_loop_equals_the_python_loop_bit_for_bit(monkeypatch):
-    """The C loop calls the same MKL sgemm in the same order as the Python loop: outputs and grads are identical."""
-    monkeypatch.setattr(moe_mod, "EXPERT_THREADS", 2)
+def test_moe_c_loop_is_the_same_for_any_thread_count(monkeypatch):
+    """The C loop's threads take experts as they go, yet results are identical bit for bit on 1, 2 or 3 threads
+    (each row has its own place, each token sums its K rows in a fixed order); the weight and routing-weight grads,
+    per expert and per row, are also bit for bit those of the loop in Python (the same sgemm on the same rows)."""
     inputs = _moe_inputs(61, 40, 7, 3, 24, seed=5)
     runs = []
-    for cpu_c in ("loop", "swiglu"):
+    for cpu_c, threads in (("loop", 1), ("loop", 2), ("loop", 3), ("swiglu", 2)):
         monkeypatch.setattr(moe_mod, "CPU_C", cpu_c)
+        monkeypatch.setattr(moe_mod, "EXPERT_THREADS", threads)
         out, grads = _fwd_bwd(lambda *a: moe_ffn(*a, impl="torch"), inputs, [0, 2, 3, 4])
-        runs.append(out + grads)
-    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+        runs.append(out + grads)  # [out, dx, d topk_weights, dW_gate_up, dW_down]
+    assert all(torch.equal(a, b) for run in runs[1:3] for a, b in zip(run, runs[0], strict=True))
+    assert all(torch.equal(runs[3][i], runs[0][i]) for i in (2, 3, 4))
+    torch.testing.assert_close(runs[3][:2], runs[0][:2], atol=1e-5, rtol=1e-5)  # token sums: another order
 
 
 @pytest.mark.parametrize("cpu_c", ["loop", "swiglu", "off"])
@@ -131,7 +135,7 @@ def test_cpu_moe_loop_matches_autograd(T, H, E, K, I, seed):
     order = torch.argsort(ids.reshape(-1), stable=True)
     bounds = torch.nn.functional.pad(torch.bincount(ids.reshape(-1), minlength=E).cumsum(0), (1, 0))
     wgu = torch.randn(E, 2 * I, H, generator=g) * 3 / H**0.5
-    args = (torch.randn(T, H, generator=g), torch.randn(T, H, generator=g), order // K,
+    args = (torch.randn(T, H, generator=g), torch.randn(T, H, generator=g), order,
             torch.rand(T * K, 1, generator=g), bounds, wgu, torch.randn(E, H, I, generator=g) / I**0.5)
     got, want = cpu_moe.run_loop(lib, *args), cpu_moe.loop_reference(*args)
     for a, b in zip(got, want, strict=True):
@@ -142,16 +146,20 @@ def test_cpu_moe_loop_matches_autograd(T, H, E, K, I, seed):
 
 @needs_cc
 def test_cpu_moe_loop_refuses_routing_out_of_range():
-    """The loop indexes rows by token and fills per-expert scratch: a bad token id or too small a scratch is an
-    error before any C runs."""
+    """The loop indexes rows by token, fills per-expert scratch and sums rows by sorted place: a bad token id, too
+    small a scratch or a bad place is an error before any C runs."""
     lib = cpu_moe.load()
     if lib.sgemm is None:
         pytest.skip("torch is not built with MKL: the loop needs its sgemm (SwiGLU alone is still C)")
     T, H, E, I, S = 4, 6, 2, 3, 8
     x, ws, wgu, wd = torch.randn(T, H), torch.rand(S, 1), torch.randn(E, 2 * I, H), torch.randn(E, H, I)
-    tok, bounds = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), torch.tensor([0, 4, 8])
-    run = lambda tok, rows: cpu_moe.expert_fwd(lib, x, tok, ws, bounds, 0, E, wgu, wd, torch.empty(S, 2 * I),
-                                               torch.zeros(T, H), cpu_moe.fwd_scratch(rows, H, I))
+    tok, bounds, y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), torch.tensor([0, 4, 8]), torch.empty(S, H)
+
+    def run(tok, rows):
+        nxt = torch.zeros(1, dtype=torch.int64)
+        return cpu_moe.expert_fwd(lib, x, tok, ws, bounds, nxt, wgu, wd, torch.empty(S, 2 * I), y,
+                                  cpu_moe.fwd_scratch(rows, H, I))
+
     assert run(tok, 4) == 4  # two GEMMs per expert
     with pytest.raises(ValueError, match="routing out of range"):
         run(tok.clone().index_fill_(0, torch.tensor([5]), T), 4)
@@ -159,6 +167,13 @@ def test_cpu_moe_loop_refuses_routing_out_of_range():
         run(tok, 3)
     with pytest.raises(ValueError, match="int64"):
         run(tok.int(), 4)
+    pos, out = torch.arange(S).view(T, 2), torch.empty(T, H)
+    cpu_moe.combine(lib, y, pos, out, 0, T)
+    torch.testing.assert_close(out, y.view(T, 2, H).sum(1))
+    with pytest.raises(ValueError, match="combine out of range"):
+        cpu_moe.combine(lib, y, pos.clone().fill_(S), out, 0, T)
+    with pytest.raises(ValueError, match="combine out of range"):
+        cpu_moe.combine(lib, y, pos, out, 0, T + 1)
 
 
 @needs_cc

@@ -1,11 +1,12 @@
 """The fp32 CPU MoE's expert loop in C, compiled at first use with the system compiler.
 
-Per thread, one C call walks its range of experts: gather the expert's token rows, the gate/up GEMM, SwiGLU, the
-down GEMM, the weighted scatter-add into the thread's accumulator; backward the same with its four GEMMs. The GEMMs
-are torch's own MKL sgemm (libtorch_cpu exports it), so results equal those of the loop in Python bit for bit;
-what C removes is the Python, GIL and dispatch around some twenty torch calls per expert, and the extra passes of
-SwiGLU as torch ops (eight in backward, three forward, each over rows the GEMMs had pushed out of cache) become
-one fused pass each way.
+Each thread makes one C call that takes experts from a counter the threads share until none are left, and for
+each: gathers the expert's token rows, runs the gate/up GEMM, SwiGLU, the down GEMM, and writes the weighted rows
+to their sorted places; `combine` then sums each token's K rows in slot order (so the result is the same for any
+thread count, and a core the host slows down simply takes fewer experts). Backward is the same with its four
+GEMMs. The GEMMs are torch's own MKL sgemm (libtorch_cpu exports it): the same calls the loop in Python makes.
+What C removes is the Python, GIL and dispatch around some twenty torch calls per expert, and SwiGLU's extra
+passes as torch ops (eight in backward, three forward, each over rows the GEMMs had pushed out of cache).
 Why C: Triton has no CPU backend here, and torch.compile took 10.6 s to compile the SwiGLU forward alone and
 168 us a call on one expert's [384, 512] rows (the C pass: 39 us). The source is below; `cc` builds it in about
 0.1 s, cached by a hash of source, flags, compiler and CPU, loaded through ctypes (which releases the GIL, so the
@@ -84,46 +85,38 @@ static void gather(const float *restrict x, const int64_t *restrict tok, float *
     for (long i = 0; i < n; i++) memcpy(rows + i * H, x + tok[i] * H, H * sizeof(float));
 }
 
-/* acc[tok[i]] += rows[i] */
-static void scatter_add(float *restrict acc, const int64_t *restrict tok, const float *restrict rows, long n,
-                        long H) {
-    for (long i = 0; i < n; i++) {
-        float *o = acc + tok[i] * H;
-        const float *r = rows + i * H;
-#pragma omp simd
-        for (long j = 0; j < H; j++) o[j] += r[j];
-    }
-}
+/* the next expert to take from the counter the threads share: each thread takes experts until none are left, so
+   a core the host slows down takes fewer. Each expert's rows land at their own sorted places, so the result does
+   not depend on which thread took which expert */
+static long take(long *next) { return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); }
 
-/* experts [lo, hi): rows bounds[e] .. bounds[e+1] of the expert-sorted (token, slot) pairs, tok[S] their tokens,
-   ws[S] their routing weights. Per expert: gather x rows, h = x_e @ W_gu[e]^T (saved), a = w * swiglu(h),
-   y = a @ W_d[e]^T, acc[tok] += y. Scratch: xs[rows, H], a[rows, I], y[rows, H]. Returns the GEMMs run. */
-long moe_fwd(sgemm_t f, const float *x, const int64_t *tok, const float *ws, const int64_t *bounds, long lo,
-             long hi, const float *wgu, const float *wd, long H, long I, float *h, float *acc, float *xs, float *a,
-             float *y) {
+/* rows bounds[e] .. bounds[e+1] of the expert-sorted (token, slot) pairs belong to expert e; tok[S] are their
+   tokens, ws[S] their routing weights. Per expert taken: gather x rows, h = x_e @ W_gu[e]^T (saved),
+   a = w * swiglu(h), y[rows of e] = a @ W_d[e]^T. Scratch: xs[rows, H], a[rows, I]. Returns the GEMMs run. */
+long moe_fwd(sgemm_t f, const float *x, const int64_t *tok, const float *ws, const int64_t *bounds, long E,
+             long *next, const float *wgu, const float *wd, long H, long I, float *h, float *y, float *xs,
+             float *a) {
     long gemms = 0;
-    for (long e = lo; e < hi; e++) {
+    for (long e; (e = take(next)) < E;) {
         long b = bounds[e], n = bounds[e + 1] - b;
         if (n == 0) continue;
         gather(x, tok + b, xs, n, H);
         mm(f, 0, 1, n, 2 * I, H, xs, H, wgu + e * 2 * I * H, H, h + b * 2 * I, 2 * I); /* 'nh,ih->ni' */
         swiglu_fwd(h + b * 2 * I, ws + b, a, n, I);
-        mm(f, 0, 1, n, H, I, a, I, wd + e * H * I, I, y, H); /* 'ni,hi->nh' */
-        scatter_add(acc, tok + b, y, n, H);
+        mm(f, 0, 1, n, H, I, a, I, wd + e * H * I, I, y + b * H, H); /* 'ni,hi->nh' */
         gemms += 2;
     }
     return gemms;
 }
 
-/* backward of moe_fwd over experts [lo, hi), g[T, H] the upstream grad. Each output may be NULL (not asked for):
-   dws[S] routing-weight grads, dwgu[E, 2I, H] and dwd[E, H, I] (an expert with no rows gets zeros), dx_acc[T, H]
-   (+=). Scratch: gs, xs, dxr [rows, H]; da, aw [rows, I]; dh [rows, 2I]. Returns the GEMMs run. */
+/* backward of moe_fwd, g[T, H] the upstream grad. Each output may be NULL (not asked for): dws[S] routing-weight
+   grads, dwgu[E, 2I, H] and dwd[E, H, I] (an expert with no rows gets zeros), dxs[S, H] each row's grad of its
+   token's x. Scratch: gs, xs [rows, H]; da, aw [rows, I]; dh [rows, 2I]. Returns the GEMMs run. */
 long moe_bwd(sgemm_t f, const float *x, const float *g, const int64_t *tok, const float *ws, const int64_t *bounds,
-             long lo, long hi, const float *wgu, const float *wd, const float *h, long H, long I, float *dws,
-             float *dwgu, float *dwd, float *dx_acc, float *gs, float *xs, float *dxr, float *da, float *aw,
-             float *dh) {
+             long E, long *next, const float *wgu, const float *wd, const float *h, long H, long I, float *dws,
+             float *dwgu, float *dwd, float *dxs, float *gs, float *xs, float *da, float *aw, float *dh) {
     long gemms = 0;
-    for (long e = lo; e < hi; e++) {
+    for (long e; (e = take(next)) < E;) {
         long b = bounds[e], n = bounds[e + 1] - b;
         if (n == 0) {
             if (dwgu) memset(dwgu + e * 2 * I * H, 0, 2 * I * H * sizeof(float));
@@ -140,13 +133,24 @@ long moe_bwd(sgemm_t f, const float *x, const float *g, const int64_t *tok, cons
             mm(f, 1, 0, 2 * I, H, n, dh, 2 * I, xs, H, dwgu + e * 2 * I * H, H);
             gemms++;
         }
-        if (dx_acc) { /* 'ni,ih->nh' */
-            mm(f, 0, 0, n, H, 2 * I, dh, 2 * I, wgu + e * 2 * I * H, H, dxr, H);
-            scatter_add(dx_acc, tok + b, dxr, n, H);
-            gemms++;
-        }
+        if (dxs) { mm(f, 0, 0, n, H, 2 * I, dh, 2 * I, wgu + e * 2 * I * H, H, dxs + b * H, H); gemms++; }
     }
     return gemms;
+}
+
+/* out[t] = sum over k of rows[pos[t * K + k]] for tokens [lo, hi), k in order: pos[T * K] is the sorted place of
+   each (token, slot) pair. A fixed order per token, so the sum is the same whatever the thread count */
+void combine(const float *restrict rows, const int64_t *restrict pos, float *restrict out, long lo, long hi, long K,
+             long H) {
+    for (long t = lo; t < hi; t++) {
+        float *o = out + t * H;
+        memcpy(o, rows + pos[t * K] * H, H * sizeof(float));
+        for (long k = 1; k < K; k++) {
+            const float *r = rows + pos[t * K + k] * H;
+#pragma omp simd
+            for (long j = 0; j < H; j++) o[j] += r[j];
+        }
+    }
 }
 """
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
@@ -202,10 +206,11 @@ def reference(h: torch.Tensor, da: torch.Tensor, w: torch.Tensor) -> list[torch.
             torch.cat([torch.ops.aten.silu_backward(w * da * up, gate), w * da * act], 1)]
 
 
-def loop_reference(x, g, tok, ws, bounds, w_gate_up, w_down):
-    """What moe_fwd / moe_bwd compute, as plain autograd over the same sorted rows (for the self-check and tests):
-    returns [acc[T, H], dws[S], dW_gate_up, dW_down, dx]."""
+def loop_reference(x, g, order, ws, bounds, w_gate_up, w_down):
+    """What the C loop computes, as plain autograd over the same sorted rows (for the self-check and tests):
+    order[S] the flat (token, slot) id of each sorted row; returns [out[T, H], dws[S], dW_gate_up, dW_down, dx]."""
     x, ws, w_gate_up, w_down = (t.detach().clone().requires_grad_() for t in (x, ws, w_gate_up, w_down))
+    tok = order // (order.numel() // x.shape[0])
     with torch.enable_grad():  # load() may first run inside an autograd.Function's forward
         out = torch.zeros_like(x)
         for e in range(len(bounds) - 1):
@@ -216,17 +221,21 @@ def loop_reference(x, g, tok, ws, bounds, w_gate_up, w_down):
     return [out.detach(), ws.grad.view(-1), w_gate_up.grad, w_down.grad, x.grad]
 
 
-def run_loop(lib, x, g, tok, ws, bounds, w_gate_up, w_down):
-    """moe_fwd then moe_bwd over all experts on one thread, fresh buffers; returns what loop_reference does."""
+def run_loop(lib, x, g, order, ws, bounds, w_gate_up, w_down):
+    """The C loop forward and backward on the calling thread, fresh buffers; returns what loop_reference does."""
     T, H = x.shape
     E, I2, _ = w_gate_up.shape
-    S, rows = tok.shape[0], int((bounds[1:] - bounds[:-1]).max())
-    h, acc, dws, dx = torch.empty(S, I2), torch.zeros(T, H), torch.empty(S), torch.zeros(T, H)
-    dwgu, dwd = torch.empty_like(w_gate_up), torch.empty_like(w_down)
-    expert_fwd(lib, x, tok, ws, bounds, 0, E, w_gate_up, w_down, h, acc, fwd_scratch(rows, H, I2 // 2))
-    expert_bwd(lib, x, g, tok, ws, bounds, 0, E, w_gate_up, w_down, h, dws, dwgu, dwd, dx,
-               bwd_scratch(rows, H, I2 // 2))
-    return [acc, dws, dwgu, dwd, dx]
+    S, rows = order.shape[0], int((bounds[1:] - bounds[:-1]).max())
+    tok, pos = order // (S // T), inverse(order).view(T, S // T)
+    h, y, dws, dxs = torch.empty(S, I2), torch.empty(S, H), torch.empty(S), torch.empty(S, H)
+    out, dx, dwgu, dwd = torch.empty(T, H), torch.empty(T, H), torch.empty_like(w_gate_up), torch.empty_like(w_down)
+    expert_fwd(lib, x, tok, ws, bounds, torch.zeros(1, dtype=torch.int64), w_gate_up, w_down, h, y,
+               fwd_scratch(rows, H, I2 // 2))
+    combine(lib, y, pos, out, 0, T)
+    expert_bwd(lib, x, g, tok, ws, bounds, torch.zeros(1, dtype=torch.int64), w_gate_up, w_down, h, dws, dwgu, dwd,
+               dxs, bwd_scratch(rows, H, I2 // 2))
+    combine(lib, dxs, pos, dx, 0, T)
+    return [out, dws, dwgu, dwd, dx]
 
 
 def _self_check(lib) -> float:
@@ -246,7 +255,7 @@ def _self_check(lib) -> float:
         ids = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(T)])  # expert E-1: no rows
         order = torch.argsort(ids.reshape(-1), stable=True)
         bounds = F.pad(torch.bincount(ids.reshape(-1), minlength=E).cumsum(0), (1, 0))
-        args = (torch.randn(T, H, generator=gen), torch.randn(T, H, generator=gen), order // K,
+        args = (torch.randn(T, H, generator=gen), torch.randn(T, H, generator=gen), order,
                 torch.rand(T * K, 1, generator=gen), bounds, torch.randn(E, 2 * I, H, generator=gen) / H**0.5,
                 torch.randn(E, H, I, generator=gen) / I**0.5)
         got += run_loop(lib, *args)
@@ -290,8 +299,9 @@ def load():
                 p, n = ctypes.c_void_p, ctypes.c_long
                 lib.swiglu_fwd.argtypes, lib.swiglu_fwd.restype = [p, p, p, n, n], None
                 lib.swiglu_bwd.argtypes, lib.swiglu_bwd.restype = [p, p, p, p, p, p, n, n], None
-                lib.moe_fwd.argtypes, lib.moe_fwd.restype = [p, p, p, p, p, n, n, p, p, n, n, p, p, p, p, p], n
-                lib.moe_bwd.argtypes, lib.moe_bwd.restype = [p, p, p, p, p, p, n, n, p, p, p, n, n, *[p] * 10], n
+                lib.moe_fwd.argtypes, lib.moe_fwd.restype = [p, p, p, p, p, n, p, p, p, n, n, p, p, p, p], n
+                lib.moe_bwd.argtypes, lib.moe_bwd.restype = [p, p, p, p, p, p, n, p, p, p, p, n, n, *[p] * 9], n
+                lib.combine.argtypes, lib.combine.restype = [p, p, p, n, n, n, n], None
                 lib.sgemm = _torch_sgemm()  # None: SwiGLU in C, the rest of the loop in torch ops
                 err = _self_check(lib)
                 if not err <= 1e-5:
@@ -331,55 +341,74 @@ def swiglu_bwd(lib, h, da, w, aw, dw, dh) -> None:
 
 
 def fwd_scratch(rows: int, H: int, I: int) -> tuple[torch.Tensor, ...]:
-    """One thread's buffers for moe_fwd: gathered x rows [rows, H], hidden [rows, I], down-GEMM output [rows, H]."""
-    return torch.empty(rows, H), torch.empty(rows, I), torch.empty(rows, H)
+    """One thread's buffers for expert_fwd: gathered x rows [rows, H], hidden [rows, I]."""
+    return torch.empty(rows, H), torch.empty(rows, I)
 
 
 def bwd_scratch(rows: int, H: int, I: int) -> tuple[torch.Tensor, ...]:
-    """One thread's buffers for moe_bwd: grad rows, x rows, dx rows [rows, H]; da, w * a [rows, I]; dh [rows, 2I]."""
-    return (*(torch.empty(rows, H) for _ in range(3)), torch.empty(rows, I), torch.empty(rows, I),
-            torch.empty(rows, 2 * I))
+    """One thread's buffers for expert_bwd: grad rows, x rows [rows, H]; da, w * a [rows, I]; dh [rows, 2I]."""
+    return torch.empty(rows, H), torch.empty(rows, H), torch.empty(rows, I), torch.empty(rows, I), \
+        torch.empty(rows, 2 * I)
 
 
-def _check_routing(tok, bounds, T, S, E, rows) -> None:
+def inverse(order: torch.Tensor) -> torch.Tensor:
+    """pos[S] with pos[order[i]] = i: the sorted place of each flat (token, slot) pair, for combine."""
+    return torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def _check_routing(tok, bounds, nxt, T, S, E, rows) -> None:
     """The loop indexes x by tok and its scratch by each expert's row count: both must be in range."""
-    _check((tok, (S,)), (bounds, (E + 1,)), dtype=torch.int64)
+    _check((tok, (S,)), (bounds, (E + 1,)), (nxt, (1,)), dtype=torch.int64)
     counts = bounds[1:] - bounds[:-1]
     if S and not (bounds[0] == 0 and bounds[-1] == S and counts.min() >= 0 and counts.max() <= rows
                   and tok.min() >= 0 and tok.max() < T):
         raise ValueError(f"cpu_moe: routing out of range (T={T}, S={S}, scratch rows={rows})")
 
 
-def expert_fwd(lib, x, tok, ws, bounds, lo, hi, w_gate_up, w_down, h, acc, scratch) -> int:
-    """Experts [lo, hi) of the sorted rows: h[S, 2I] = gate | up pre-activations (saved for backward) and
-    acc[T, H] += w * y_e per row, in one C call (no GIL). tok[S]: token of each sorted row, ws[S, 1] its routing
-    weight, bounds[E+1]: expert row offsets. Needs lib.sgemm. Returns the GEMMs run."""
+def expert_fwd(lib, x, tok, ws, bounds, nxt, w_gate_up, w_down, h, y, scratch) -> int:
+    """Take experts from the counter nxt (int64 [1], from 0) until none are left, and for each: h[rows of e, 2I] =
+    gate | up pre-activations (saved for backward), y[rows of e, H] = w * expert output, in one C call (no GIL).
+    Threads calling it with the same counter split the experts between them as they go. tok[S]: token of each
+    sorted row, ws[S, 1] its routing weight, bounds[E+1]: expert row offsets. Needs lib.sgemm. Returns the GEMMs
+    run."""
     T, H = x.shape
     E, I2, _ = w_gate_up.shape
-    S, (xs, a, y) = tok.shape[0], scratch
+    S, (xs, a) = tok.shape[0], scratch
     rows, I = xs.shape[0], I2 // 2
-    _check((x, (T, H)), (ws, (S, 1)), (w_gate_up, (E, I2, H)), (w_down, (E, H, I)), (h, (S, I2)), (acc, (T, H)),
-           (xs, (rows, H)), (a, (rows, I)), (y, (rows, H)))
-    _check_routing(tok, bounds, T, S, E, rows)
+    _check((x, (T, H)), (ws, (S, 1)), (w_gate_up, (E, I2, H)), (w_down, (E, H, I)), (h, (S, I2)), (y, (S, H)),
+           (xs, (rows, H)), (a, (rows, I)))
+    _check_routing(tok, bounds, nxt, T, S, E, rows)
     ptr = [t.data_ptr() for t in (x, tok, ws, bounds)]
-    return lib.moe_fwd(lib.sgemm, *ptr, lo, hi, w_gate_up.data_ptr(), w_down.data_ptr(), H, I,
-                       *(t.data_ptr() for t in (h, acc, xs, a, y)))
+    return lib.moe_fwd(lib.sgemm, *ptr, E, nxt.data_ptr(), w_gate_up.data_ptr(), w_down.data_ptr(), H, I,
+                       *(t.data_ptr() for t in (h, y, xs, a)))
 
 
-def expert_bwd(lib, x, g, tok, ws, bounds, lo, hi, w_gate_up, w_down, h, dws, dwgu, dwd, dx_acc, scratch) -> int:
-    """Backward of expert_fwd for experts [lo, hi), g[T, H] the upstream grad. Outputs not asked for are None:
-    dws[S] routing-weight grads, dwgu / dwd weight grads (zeros for an expert without rows), dx_acc[T, H] (+=).
-    Returns the GEMMs run (2-4 per expert with rows, by what is asked)."""
+def expert_bwd(lib, x, g, tok, ws, bounds, nxt, w_gate_up, w_down, h, dws, dwgu, dwd, dxs, scratch) -> int:
+    """Backward of expert_fwd, experts taken from the counter nxt the same way; g[T, H] the upstream grad.
+    Outputs not asked for are None: dws[S] routing-weight grads, dwgu / dwd weight grads (zeros for an expert
+    without rows), dxs[S, H] each sorted row's share of its token's dx. Returns the GEMMs run (2-4 per expert
+    with rows, by what is asked)."""
     T, H = x.shape
     E, I2, _ = w_gate_up.shape
-    S, (gs, xs, dxr, da, aw, dh) = tok.shape[0], scratch
+    S, (gs, xs, da, aw, dh) = tok.shape[0], scratch
     rows, I = gs.shape[0], I2 // 2
-    outs = [(dws, (S,)), (dwgu, (E, I2, H)), (dwd, (E, H, I)), (dx_acc, (T, H))]
+    outs = [(dws, (S,)), (dwgu, (E, I2, H)), (dwd, (E, H, I)), (dxs, (S, H))]
     _check((x, (T, H)), (g, (T, H)), (ws, (S, 1)), (w_gate_up, (E, I2, H)), (w_down, (E, H, I)), (h, (S, I2)),
-           *((t, s) for t, s in outs if t is not None), *((b, (rows, H)) for b in (gs, xs, dxr)),
-           (da, (rows, I)), (aw, (rows, I)), (dh, (rows, I2)))
-    _check_routing(tok, bounds, T, S, E, rows)
+           *((t, s) for t, s in outs if t is not None), (gs, (rows, H)), (xs, (rows, H)), (da, (rows, I)),
+           (aw, (rows, I)), (dh, (rows, I2)))
+    _check_routing(tok, bounds, nxt, T, S, E, rows)
     ptr = [t.data_ptr() for t in (x, g, tok, ws, bounds)]
-    return lib.moe_bwd(lib.sgemm, *ptr, lo, hi, w_gate_up.data_ptr(), w_down.data_ptr(), h.data_ptr(), H, I,
-                       *(None if t is None else t.data_ptr() for t, _ in outs),
-                       *(t.data_ptr() for t in (gs, xs, dxr, da, aw, dh)))
+    return lib.moe_bwd(lib.sgemm, *ptr, E, nxt.data_ptr(), w_gate_up.data_ptr(), w_down.data_ptr(), h.data_ptr(),
+                       H, I, *(None if t is None else t.data_ptr() for t, _ in outs),
+                       *(t.data_ptr() for t in (gs, xs, da, aw, dh)))
+
+
+def combine(lib, rows, pos, out, lo: int, hi: int) -> None:
+    """out[t] = sum over k of rows[pos[t, k]] for tokens lo <= t < hi, k in order (deterministic): rows[S, H] at
+    their sorted places, pos[T, K] the sorted place of each (token, slot) pair."""
+    (T, K), (S, H) = pos.shape, rows.shape
+    _check((rows, (S, H)), (out, (T, H)))
+    _check((pos, (T, K)), dtype=torch.int64)
+    if not 0 <= lo <= hi <= T or (pos.numel() and not (pos.min() >= 0 and pos.max() < S)):
+        raise ValueError(f"cpu_moe: combine out of range (tokens {lo}..{hi} of {T}, {S} rows)")
+    lib.combine(rows.data_ptr(), pos.data_ptr(), out.data_ptr(), lo, hi, K, H)

@@ -72,7 +72,8 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
 
 EXPERT_THREADS: int | None = None  # CPU threads for the expert loop; None = torch.get_num_threads()
 # fp32 on CPU, where cpu_moe.py builds: "loop" runs each thread's expert loop as one C call (gathers, torch's own
-# MKL sgemm, SwiGLU, scatter-adds); "swiglu" keeps the loop in Python with only SwiGLU in C; "off": torch ops
+# MKL sgemm, SwiGLU; threads take experts as they go); "swiglu" keeps the loop in Python with only SwiGLU in C;
+# "off": torch ops throughout
 CPU_C = "loop"
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): a forked child makes its own
 
@@ -91,43 +92,53 @@ def _c_kernels(x: torch.Tensor):
     return lib, lib is not None and lib.sgemm is not None and CPU_C == "loop"
 
 
-def _expert_parallel(fn, bounds: list[int], workers: int) -> int:
-    """Split the experts into at most `workers` contiguous ranges [lo, hi) of about equal rows and run
-    fn(lo, hi, w) for range w on thread w (torch ops and the C loop release the GIL). Returns the ranges run."""
+def _on_threads(fn, n: int) -> None:
+    """Run fn(w) for w in range(n): w = 0 on the calling thread, the rest on a pool (torch ops and the C loop release
+    the GIL), each with single-threaded torch ops (no OpenMP team per op on top of the n threads)."""
     global _POOL
-    E = len(bounds) - 1
-    cuts = [0] + [bisect.bisect_left(bounds, bounds[-1] * w / workers, 0, E) for w in range(1, workers)] + [E]
-    ranges = [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
 
-    def run(w, lo, hi):
-        if len(ranges) > 1:  # one stream per thread: no OpenMP team per op on top of the ranges' threads
+    def run(w):
+        if n > 1:
             torch.set_num_threads(1)
         with torch.no_grad():  # worker threads start with grad mode on; out= GEMMs must not be recorded
-            fn(lo, hi, w)
+            fn(w)
 
-    if len(ranges) <= 1:
-        run(0, 0, E)
-        return 1
-    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < len(ranges) - 1:
-        _POOL = (os.getpid(), len(ranges) - 1, ThreadPoolExecutor(len(ranges) - 1, thread_name_prefix="r1kit-moe"))
+    if n <= 1:
+        run(0)
+        return
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < n - 1:
+        _POOL = (os.getpid(), n - 1, ThreadPoolExecutor(n - 1, thread_name_prefix="r1kit-moe"))
     threads = torch.get_num_threads()
     try:
-        futures = [_POOL[2].submit(run, w, lo, hi) for w, (lo, hi) in enumerate(ranges) if w > 0]
-        run(0, *ranges[0])  # the calling thread takes the first range itself
+        futures = [_POOL[2].submit(run, w) for w in range(1, n)]
+        run(0)
         for f in futures:
             f.result()
-    finally:  # restored once every range is done (the setting may be process-wide)
+    finally:  # restored once every thread is done (the setting may be process-wide)
         torch.set_num_threads(threads)
+
+
+def _expert_parallel(expert, bounds: list[int], workers: int) -> int:
+    """Split the experts into at most `workers` contiguous ranges of about equal rows; thread w calls expert(e, w)
+    for each expert e with rows in range w. Returns the number of ranges."""
+    E = len(bounds) - 1
+    cuts = [0] + [bisect.bisect_left(bounds, bounds[-1] * w / workers, 0, E) for w in range(1, workers)] + [E]
+    ranges = [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo] or [(0, E)]
+
+    def run(w):
+        for e in range(*ranges[w]):
+            if bounds[e + 1] > bounds[e]:
+                expert(e, w)
+
+    _on_threads(run, len(ranges))
     return len(ranges)
 
 
-def _each_expert(expert, bounds: list[int]):
-    """fn(lo, hi, w) for _expert_parallel that calls expert(e, w) for each expert e in [lo, hi) with rows."""
-    def run(lo, hi, w):
-        for e in range(lo, hi):
-            if bounds[e + 1] > bounds[e]:
-                expert(e, w)
-    return run
+def _combine(lib, rows, pos, workers: int) -> torch.Tensor:
+    """[T, H] sums of each token's K rows (cpu_moe.combine), the tokens split over the threads."""
+    T, out = pos.shape[0], rows.new_empty(pos.shape[0], rows.shape[1])
+    _on_threads(lambda w: cpu_moe.combine(lib, rows, pos, out, T * w // workers, T * (w + 1) // workers), workers)
+    return out
 
 
 def _sum_buffers(bufs: list[torch.Tensor], n: int) -> torch.Tensor:
@@ -148,12 +159,15 @@ class _SortedMoE(torch.autograd.Function):
     (w * (a @ Wd.T) = (w * a) @ Wd.T), the down GEMM, and index_adds the rows into the calling thread's [T, H]
     accumulator. Saves only the [S, 2I] pre-activations and the routing. Backward re-gathers x and the upstream
     grad per expert and runs its four GEMMs (da, dW_down, dW_gate_up, dx) with SwiGLU's backward in between.
-    No [S, H] tensor is ever formed, and no per-token Python: the only loop is over experts. Each thread writes
-    an expert's gathered rows, GEMM outputs and SwiGLU steps into its own scratch buffers ([max rows, .]),
-    reused expert after expert, so they stay in the core's cache instead of being fresh memory every time
-    (3-7% of the routed forward+backward at the bench shape). In fp32 on CPU, where cpu_moe.py builds, each
-    thread's whole range of experts is one C call doing the same steps with torch's own MKL sgemm (no Python or
-    GIL per op; same results bit for bit), SwiGLU and its backward one fused pass each."""
+    No per-token Python: the only loop is over experts, in contiguous ranges of about equal rows, one per thread.
+    Each thread writes an expert's gathered rows, GEMM outputs and SwiGLU steps into its own scratch buffers
+    ([max rows, .]), reused expert after expert, so they stay in the core's cache instead of being fresh memory
+    every time (3-7% of the routed forward+backward at the bench shape).
+    In fp32 on CPU, where cpu_moe.py builds, each thread's loop is one C call with torch's own MKL sgemm (no
+    Python or GIL per op), SwiGLU and its backward one fused pass each. Its threads take experts from a shared
+    counter as they go (a core the host slows down takes fewer), so instead of per-thread accumulators, each
+    expert writes its weighted output rows (backward: its dx rows) to their sorted places in an [S, H] buffer,
+    and each token then sums its K rows in slot order: the same result for any thread count."""
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_gate_up, w_down):
@@ -169,30 +183,34 @@ class _SortedMoE(torch.autograd.Function):
         ws = topk_weights.reshape(-1)[order].to(acc)[:, None]  # [S, 1] routing weight of each sorted row
         h = x.new_empty(len(order), I2)  # [S, 2I] gate | up pre-activations, saved for backward
         workers, (lib, c_loop) = _workers(x), _c_kernels(x)
-        outs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)]
-        # per thread: gathered x rows [rows, H], hidden [rows, I], down-GEMM output [rows, H]
-        scratch = [(x.new_empty(rows, H), x.new_empty(rows, I, dtype=acc), x.new_empty(rows, H))
-                   for _ in range(workers)]
+        if c_loop:  # threads take experts from a shared counter; each row lands at its sorted place in y [S, H]
+            y, nxt = x.new_empty(len(order), H), torch.zeros(1, dtype=torch.int64)
+            scratch = [cpu_moe.fwd_scratch(rows, H, I) for _ in range(workers)]
+            _on_threads(lambda w: cpu_moe.expert_fwd(lib, x, tok, ws, offsets, nxt, w_gate_up, w_down, h, y,
+                                                     scratch[w]), workers)
+            out = _combine(lib, y, cpu_moe.inverse(order).view(T, K), workers)  # [T, H] each token's K rows summed
+        else:  # static expert ranges, one per thread, each with its own [T, H] accumulator
+            outs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)]
+            # per thread: gathered x rows [rows, H], hidden [rows, I], down-GEMM output [rows, H]
+            scratch = [(x.new_empty(rows, H), x.new_empty(rows, I, dtype=acc), x.new_empty(rows, H))
+                       for _ in range(workers)]
 
-        def c_experts(lo, hi, w):
-            cpu_moe.expert_fwd(lib, x, tok, ws, offsets, lo, hi, w_gate_up, w_down, h, outs[w], scratch[w])
+            def expert(e, w):
+                r = slice(bounds[e], bounds[e + 1])
+                n, te = r.stop - r.start, tok[r]
+                xs, a_buf, y_buf = (b[:n] for b in scratch[w])
+                he = torch.mm(torch.index_select(x, 0, te, out=xs), w_gate_up[e].t(), out=h[r])  # 'nh,ih->ni'
+                if lib is not None:  # [n, I] w * silu(gate) * up
+                    a = cpu_moe.swiglu_fwd(lib, he, ws[r], a_buf)
+                else:
+                    a = _silu_out(he[:, :I].to(acc), out=a_buf).mul_(he[:, I:]).mul_(ws[r])
+                y = torch.mm(a.to(dt), w_down[e].t(), out=y_buf)  # [n, H] 'ni,hi->nh'
+                outs[w].index_add_(0, te, y.to(acc))  # scatter-add into this thread's accumulator
 
-        def expert(e, w):
-            r = slice(bounds[e], bounds[e + 1])
-            n, te = r.stop - r.start, tok[r]
-            xs, a_buf, y_buf = (b[:n] for b in scratch[w])
-            he = torch.mm(torch.index_select(x, 0, te, out=xs), w_gate_up[e].t(), out=h[r])  # [n, 2I] 'nh,ih->ni'
-            if lib is not None:  # [n, I] w * silu(gate) * up
-                a = cpu_moe.swiglu_fwd(lib, he, ws[r], a_buf)
-            else:
-                a = _silu_out(he[:, :I].to(acc), out=a_buf).mul_(he[:, I:]).mul_(ws[r])
-            y = torch.mm(a.to(dt), w_down[e].t(), out=y_buf)  # [n, H] 'ni,hi->nh'
-            outs[w].index_add_(0, te, y.to(acc))  # scatter-add into this thread's accumulator
-
-        used = _expert_parallel(c_experts if c_loop else _each_expert(expert, bounds), bounds, workers)
+            out = _sum_buffers(outs, _expert_parallel(expert, bounds, workers)).to(dt)
         ctx.save_for_backward(x, topk_weights, w_gate_up, w_down, order, h, ws, offsets)
         ctx.bounds, ctx.K, ctx.rows = bounds, K, rows
-        return _sum_buffers(outs, used).to(dt)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -209,63 +227,65 @@ class _SortedMoE(torch.autograd.Function):
         dwgu = torch.empty_like(w_gate_up) if need_gu else None
         dwd = torch.empty_like(w_down) if need_d else None
         workers, (lib, c_loop) = _workers(x), _c_kernels(x)
-        for e in range(len(bounds) - 1):
-            if bounds[e + 1] == bounds[e] and not c_loop:  # an expert with no rows gets a zero gradient (C: its own)
-                for dw in (dwgu, dwd):
-                    if dw is not None:
-                        dw[e].zero_()
-        dxs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)] if need_x else None
-        if c_loop:  # per thread: see cpu_moe.bwd_scratch
+        if c_loop:  # threads take experts from a shared counter; dx rows land at their sorted places, then summed
+            dx_rows, nxt = x.new_empty(len(order), H) if need_x else None, torch.zeros(1, dtype=torch.int64)
             scratch = [cpu_moe.bwd_scratch(rows, H, I) for _ in range(workers)]
-        else:  # per thread: grad / x / dx rows [rows, H] (dt), da, silu(gate), a [rows, I] and dh [rows, 2I] (acc)
+            _on_threads(lambda w: cpu_moe.expert_bwd(lib, x, g, tok, ws, offsets, nxt, w_gate_up, w_down, h, dws,
+                                                     dwgu, dwd, dx_rows, scratch[w]), workers)
+            dx = _combine(lib, dx_rows, cpu_moe.inverse(order).view(T, K), workers) if need_x else None
+        else:  # static expert ranges, one per thread, each with its own [T, H] dx accumulator
+            for e in range(len(bounds) - 1):
+                if bounds[e + 1] == bounds[e]:  # an expert with no rows gets a zero gradient
+                    for dw in (dwgu, dwd):
+                        if dw is not None:
+                            dw[e].zero_()
+            dxs = [torch.zeros(T, H, dtype=acc, device=x.device) for _ in range(workers)] if need_x else None
+            # per thread: grad / x / dx rows [rows, H] (dt), da, silu(gate), a [rows, I] and dh [rows, 2I] (acc)
             scratch = [(x.new_empty(rows, H), x.new_empty(rows, H), x.new_empty(rows, H),
                         x.new_empty(rows, I), *(x.new_empty(rows, I, dtype=acc) for _ in range(3)),
                         x.new_empty(rows, 2 * I, dtype=acc)) for _ in range(workers)]
 
-        def c_experts(lo, hi, w):
-            cpu_moe.expert_bwd(lib, x, g, tok, ws, offsets, lo, hi, w_gate_up, w_down, h, dws, dwgu, dwd,
-                               dxs[w] if need_x else None, scratch[w])
-
-        def expert(e, w):
-            r = slice(bounds[e], bounds[e + 1])
-            n, te = r.stop - r.start, tok[r]
-            gs, xs, dx_buf, da_buf, da_acc, act_buf, a_buf, dh = (b[:n] for b in scratch[w])
-            ge = torch.index_select(g, 0, te, out=gs)  # [n, H] rows of the upstream grad
-            da = torch.mm(ge, w_down[e], out=da_buf)  # [n, I] 'nh,hi->ni'
-            if lib is not None:  # one C pass: dws, w * a (for dW_down) and dh, all of them whatever is asked
-                cpu_moe.swiglu_bwd(lib, h[r], da, ws[r], a_buf, dws[r] if need_w else act_buf.view(-1)[:n], dh)
-                if need_d:
-                    torch.mm(ge.t(), a_buf, out=dwd[e])  # [H, I] 'nh,ni->hi'
-            else:
-                da = da_acc.copy_(da) if dt != acc else da
-                gate, up = h[r, :I].to(acc), h[r, I:].to(acc)
-                act = _silu_out(gate, out=act_buf)
-                if need_w or need_d:
-                    a = torch.mul(act, up, out=a_buf)  # [n, I] expert hidden, recomputed from the saved pre-activations
-                    if need_w:
-                        torch.linalg.vecdot(da, a, out=dws[r])  # d out / d weight = <grad, y_e> = <grad @ W_down, a>
+            def expert(e, w):
+                r = slice(bounds[e], bounds[e + 1])
+                n, te = r.stop - r.start, tok[r]
+                gs, xs, dx_buf, da_buf, da_acc, act_buf, a_buf, dh = (b[:n] for b in scratch[w])
+                ge = torch.index_select(g, 0, te, out=gs)  # [n, H] rows of the upstream grad
+                da = torch.mm(ge, w_down[e], out=da_buf)  # [n, I] 'nh,hi->ni'
+                if lib is not None:  # one C pass: dws, w * a (for dW_down) and dh, all of them whatever is asked
+                    dw = dws[r] if need_w else act_buf.view(-1)[:n]
+                    cpu_moe.swiglu_bwd(lib, h[r], da, ws[r], a_buf, dw, dh)
                     if need_d:
-                        torch.mm(ge.t(), a.mul_(ws[r]).to(dt), out=dwd[e])  # [H, I] 'nh,ni->hi'
-                if need_gu or need_x:
-                    da.mul_(ws[r])
-                    dgate = torch.mul(da, up, out=dh[:, :I])
-                    _silu_backward_out(dgate, gate, grad_input=dgate)  # [n, I] d gate, in place
-                    torch.mul(da, act, out=dh[:, I:])  # [n, I] d up
-            dhd = dh.to(dt)  # [n, 2I] d gate | d up
-            if need_gu:
-                torch.mm(dhd.t(), torch.index_select(x, 0, te, out=xs), out=dwgu[e])  # [2I, H] 'ni,nh->ih'
-            if need_x:
-                dxs[w].index_add_(0, te, torch.mm(dhd, w_gate_up[e], out=dx_buf).to(acc))  # 'ni,ih->nh'
+                        torch.mm(ge.t(), a_buf, out=dwd[e])  # [H, I] 'nh,ni->hi'
+                else:
+                    da = da_acc.copy_(da) if dt != acc else da
+                    gate, up = h[r, :I].to(acc), h[r, I:].to(acc)
+                    act = _silu_out(gate, out=act_buf)
+                    if need_w or need_d:
+                        a = torch.mul(act, up, out=a_buf)  # [n, I] expert hidden, from the saved pre-activations
+                        if need_w:
+                            torch.linalg.vecdot(da, a, out=dws[r])  # d out / d w = <grad, y_e> = <grad @ W_down, a>
+                        if need_d:
+                            torch.mm(ge.t(), a.mul_(ws[r]).to(dt), out=dwd[e])  # [H, I] 'nh,ni->hi'
+                    if need_gu or need_x:
+                        da.mul_(ws[r])
+                        dgate = torch.mul(da, up, out=dh[:, :I])
+                        _silu_backward_out(dgate, gate, grad_input=dgate)  # [n, I] d gate, in place
+                        torch.mul(da, act, out=dh[:, I:])  # [n, I] d up
+                dhd = dh.to(dt)  # [n, 2I] d gate | d up
+                if need_gu:
+                    torch.mm(dhd.t(), torch.index_select(x, 0, te, out=xs), out=dwgu[e])  # [2I, H] 'ni,nh->ih'
+                if need_x:
+                    dxs[w].index_add_(0, te, torch.mm(dhd, w_gate_up[e], out=dx_buf).to(acc))  # 'ni,ih->nh'
 
-        used = _expert_parallel(c_experts if c_loop else _each_expert(expert, bounds), bounds, workers)
-        dx = _sum_buffers(dxs, used).to(dt) if need_x else None
+            used = _expert_parallel(expert, bounds, workers)
+            dx = _sum_buffers(dxs, used).to(dt) if need_x else None
         dtw = torch.empty_like(dws).index_copy_(0, order, dws).view(T, K).to(topk_weights.dtype) if need_w else None
         return dx, None, dtw, dwgu, dwd
 
 
 def moe_ffn_torch(x, topk_ids, topk_weights, w_gate_up, w_down):
-    """Sorted torch path: per-expert gather, GEMMs, SwiGLU and scatter-add, experts split over CPU threads; custom
-    backward (any device)."""
+    """Sorted torch path: per-expert gather, GEMMs, SwiGLU and scatter-back, experts split over CPU threads;
+    custom backward (any device)."""
     return _SortedMoE.apply(x, topk_ids, topk_weights, w_gate_up, w_down)
 
 
