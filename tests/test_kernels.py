@@ -177,6 +177,21 @@ def test_cpu_moe_loop_refuses_routing_out_of_range():
 
 
 @needs_cc
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 8, 9])
+def test_cpu_moe_combine_sums_each_tokens_rows_in_slot_order(K):
+    """combine reads four rows at a time, yet adds them left to right in slot order: bit for bit the plain sum."""
+    g = torch.Generator().manual_seed(K)
+    T, H = 29, 45
+    order = torch.randperm(T * K, generator=g)
+    rows, pos, out = torch.randn(T * K, H, generator=g), cpu_moe.inverse(order).view(T, K), torch.empty(T, H)
+    cpu_moe.combine(cpu_moe.load(), rows, pos, out, 0, T)
+    want = rows[pos[:, 0]]
+    for k in range(1, K):
+        want = want + rows[pos[:, k]]
+    assert torch.equal(out, want)
+
+
+@needs_cc
 @pytest.mark.parametrize("n,I,seed", [(1, 1, 0), (37, 45, 1), (130, 257, 2)])
 def test_cpu_moe_matches_torch_ops(n, I, seed):
     """The C passes against torch's silu / silu_backward on odd shapes (vector tails) and saturated gates."""
