@@ -75,14 +75,19 @@ def test_moe_torch_matches_reference(T, H, E, K, I, seed, threads, cpu_c, monkey
 @needs_cc
 def test_moe_c_loop_is_the_same_for_any_thread_count(monkeypatch):
     """The C loop's threads take experts as they go, yet results are identical bit for bit on 1, 2 or 3 threads
-    (each row has its own place, each token sums its K rows in a fixed order); the weight and routing-weight grads,
-    per expert and per row, are also bit for bit those of the loop in Python (the same sgemm on the same rows)."""
+    (each row has its own place, each token sums its K rows in a fixed order; every GEMM runs on one core); the
+    weight and routing-weight grads, per expert and per row, are also bit for bit those of the loop in Python
+    (the same sgemm on the same rows)."""
     inputs = _moe_inputs(61, 40, 7, 3, 24, seed=5)
-    runs = []
+    runs, threads_before = [], torch.get_num_threads()
     for cpu_c, threads in (("loop", 1), ("loop", 2), ("loop", 3), ("swiglu", 2)):
         monkeypatch.setattr(moe_mod, "CPU_C", cpu_c)
         monkeypatch.setattr(moe_mod, "EXPERT_THREADS", threads)
-        out, grads = _fwd_bwd(lambda *a: moe_ffn(*a, impl="torch"), inputs, [0, 2, 3, 4])
+        torch.set_num_threads(1 if threads == 1 else threads_before)  # one expert thread: single-threaded GEMMs too
+        try:
+            out, grads = _fwd_bwd(lambda *a: moe_ffn(*a, impl="torch"), inputs, [0, 2, 3, 4])
+        finally:
+            torch.set_num_threads(threads_before)
         runs.append(out + grads)  # [out, dx, d topk_weights, dW_gate_up, dW_down]
     assert all(torch.equal(a, b) for run in runs[1:3] for a, b in zip(run, runs[0], strict=True))
     assert all(torch.equal(runs[3][i], runs[0][i]) for i in (2, 3, 4))

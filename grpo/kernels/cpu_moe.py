@@ -280,7 +280,7 @@ def _self_check(lib) -> float:
 
 def _torch_sgemm() -> int | None:
     """Address of torch's own BLAS sgemm_ (MKL's LP64 Fortran entry, exported by libtorch_cpu): the GEMM torch.mm
-    runs, so the C loop computes what the torch path does, bit for bit. None on builds without MKL."""
+    runs, so each expert's products are those of the loop in Python, bit for bit. None on builds without MKL."""
     if not torch.backends.mkl.is_available():
         return None
     try:
