@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import grpo.kernels.moe as moe_mod  # noqa: E402
-from grpo.kernels import cpu_moe  # noqa: E402
 from grpo.kernels.moe import moe_ffn  # noqa: E402
 from grpo.runtime import keep_freed_memory  # noqa: E402
 
@@ -144,9 +143,9 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; freed large blocks kept for reuse (grpo/runtime.py): {kept}")
     if device.type == "cpu":
-        lib = cpu_moe.load() if args.cpu_c != "off" else None
-        c = "off" if lib is None else "swiglu" if args.cpu_c == "swiglu" or lib.sgemm is None else "loop"
-        print(f"fp32 CPU MoE in compiled C (grpo/kernels/cpu_moe.py): {c}")
+        lib, loop = moe_mod._c_kernels(torch.empty(0))  # what an fp32 CPU call of moe_ffn will run
+        mode = "loop" if loop else "swiglu" if lib is not None else "off"
+        print(f"fp32 CPU MoE in compiled C (grpo/kernels/cpu_moe.py): {mode}")
     peak32 = matmul_peak(torch.float32, device)
     peak16 = matmul_peak(torch.bfloat16, device)
     print(f"matmul peak before the runs: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
