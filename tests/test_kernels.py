@@ -22,6 +22,9 @@ from grpo.kernels.rmsnorm import rms_norm, rms_norm_reference
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_cc = pytest.mark.skipif(cpu_moe.compiler() is None, reason="needs a C compiler (cc, gcc or clang) on Linux")
+# the C expert loop calls torch's MKL sgemm; test_cpu_moe_builds_where_a_compiler_is checks it is found exactly then
+needs_mkl = pytest.mark.skipif(not torch.backends.mkl.is_available(),
+                               reason="torch is not built with MKL: the loop needs its sgemm (SwiGLU alone is still C)")
 
 
 def _moe_inputs(T, H, E, K, I, seed, dtype=torch.float32, empty_expert=True):
@@ -128,13 +131,12 @@ def test_cpu_moe_builds_where_a_compiler_is():
 
 
 @needs_cc
+@needs_mkl
 @pytest.mark.parametrize("T,H,E,K,I,seed", [(1, 1, 2, 1, 1, 0), (37, 45, 6, 3, 19, 1), (130, 33, 9, 2, 70, 2)])
 def test_cpu_moe_loop_matches_autograd(T, H, E, K, I, seed):
     """The C expert loop, forward and backward, against plain autograd over the same sorted rows; odd shapes (vector
     tails, one-row experts), an expert without rows, saturated gates."""
     lib = cpu_moe.load()
-    if lib.sgemm is None:
-        pytest.skip("torch is not built with MKL: the loop needs its sgemm (SwiGLU alone is still C)")
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(T)])  # expert E-1: no rows
     order = torch.argsort(ids.reshape(-1), stable=True)
@@ -150,12 +152,11 @@ def test_cpu_moe_loop_matches_autograd(T, H, E, K, I, seed):
 
 
 @needs_cc
+@needs_mkl
 def test_cpu_moe_loop_refuses_routing_out_of_range():
     """The loop indexes rows by token, fills per-expert scratch and sums rows by sorted place: a bad token id, too
     small a scratch or a bad place is an error before any C runs."""
     lib = cpu_moe.load()
-    if lib.sgemm is None:
-        pytest.skip("torch is not built with MKL: the loop needs its sgemm (SwiGLU alone is still C)")
     T, H, E, I, S = 4, 6, 2, 3, 8
     x, ws, wgu, wd = torch.randn(T, H), torch.rand(S, 1), torch.randn(E, 2 * I, H), torch.randn(E, H, I)
     tok, bounds, y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), torch.tensor([0, 4, 8]), torch.empty(S, H)
