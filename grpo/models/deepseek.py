@@ -282,7 +282,8 @@ class MLA(nn.Module):
             scores = torch.einsum("bshn,bthn->bsht", q_nope, k_nope) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
         scores = scores * self.scale
         scores = scores.masked_fill(~mask[:, :, None, :], torch.finfo(scores.dtype).min)
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)  # [B,S,H,T]
+        # at least fp32 (bf16 scores), float64 kept: a float64 min cast to fp32 is -inf, and a fully masked row NaN
+        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(x.dtype)  # [B,S,H,T]
         if absorbed:
             o_lat = torch.einsum("bsht,btc->bshc", probs, c)
             out = torch.einsum("bshc,hvc->bshv", o_lat, w_kv_b[:, n:])  # W_UV applied after attention
