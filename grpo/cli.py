@@ -11,29 +11,64 @@ Config and data problems print one line (`r1: error: ...`) and exit 2, before an
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 
 from grpo.config import ConfigError, GRPOConfig, RecipeConfig, load_recipe, load_stage
 
 
-def preflight(sections) -> None:
-    """Checks that need no model: templates compile, rewards resolve, the rollout engine is installed."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "org/name": left to transformers (hub or its cache)
+
+
+def check_model_path(field: str, path: str | None) -> None:
+    """A model field names an HF checkpoint directory (config.json inside), or a hub id such as org/name."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file():
+        return
+    if not p.exists() and _HUB_ID.fullmatch(path) and not path.startswith("."):
+        return
+    raise ConfigError(f"{field}: {path} is not a checkpoint directory (no config.json)")
+
+
+def check_output_dir(field: str, path: Path) -> None:
+    """The output directory can be created and written: its nearest existing ancestor is a writable directory."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"{field}: {path} cannot be created ({p} is a file, not a directory)")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: {path} is not writable ({p} does not allow writing)")
+
+
+def preflight(sections, output: Path | None = None) -> None:
+    """Checks that need no model, on (name, section) pairs: model and data paths exist, templates compile,
+    rewards resolve, the output directory is writable, the rollout engine is installed."""
     import jinja2
 
     import rewards
     from grpo import templates
 
-    for sec in sections:
+    if output is not None:
+        check_output_dir("output", output)
+    for name, sec in sections:
+        check_model_path(f"{name}.model", sec.model)
+        src = sec.data.source
+        if Path(src).suffix in (".jsonl", ".json", ".parquet") and not Path(src).is_file():
+            raise ConfigError(f"{name}.data.source: file {src} does not exist")
         try:
             templates.check(sec.template)
         except (FileNotFoundError, jinja2.TemplateError) as e:
-            raise ConfigError(f"template: {e}") from None
-        for r in getattr(sec, "rewards", []):
+            raise ConfigError(f"{name}.template: {e}") from None
+        for i, r in enumerate(getattr(sec, "rewards", [])):
             try:
                 rewards.resolve(r.name)
             except (KeyError, ImportError, AttributeError, FileNotFoundError, SyntaxError) as e:
-                raise ConfigError(f"rewards: {e.args[0] if e.args else e}") from None
+                raise ConfigError(f"{name}.rewards.{i}.name: {e.args[0] if e.args else e}") from None
         if isinstance(sec, GRPOConfig) and sec.rollout == "vllm":
             try:
                 from grpo.rollout.vllm import check_vllm
@@ -47,7 +82,7 @@ def preflight(sections) -> None:
 
 def _run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    preflight(recipe.sections[s] for s in recipe.stages)
+    preflight([(s, recipe.sections[s]) for s in recipe.stages], Path(recipe.output_dir))
     from grpo import pipeline
 
     pipeline.run(recipe)
@@ -58,8 +93,8 @@ def _stage(args) -> int:
     from rich.console import Console
 
     sec, recipe = load_stage(args.command, args.config, args.overrides)
-    preflight([sec])
     out = Path(args.output or (Path(recipe.output_dir) / args.command if recipe else Path("runs") / args.command))
+    preflight([(args.command, sec)], out)
     console = Console()
     if args.command == "sft":
         from grpo import sft

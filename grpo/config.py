@@ -257,11 +257,16 @@ def _format_error(err: ValidationError, root: type, where: str, origin: dict[tup
     return f"{src}: {dotted}: {e['msg']}{got}"
 
 
+def _kind_of(name: str, raw: dict) -> str | None:
+    """A section's stage kind: its `kind` key or, by default, its name (pretrain and cold_start are SFT)."""
+    return raw.get("kind", name if name in _KINDS else "sft" if name in ("pretrain", "cold_start") else None)
+
+
 def _section(name: str, raw: Any, where: str, origin: dict[tuple, str]) -> StageConfig:
     """Validate one stage section; its kind is its `kind` key or, by default, its name."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: section {name!r} must be a mapping")
-    kind = raw.get("kind", name if name in _KINDS else "sft" if name in ("pretrain", "cold_start") else None)
+    kind = _kind_of(name, raw)
     if kind not in _KINDS:
         raise ConfigError(f"{where}: section {name!r} needs `kind:` one of {', '.join(_KINDS)}")
     cls = _KINDS[kind]
@@ -322,11 +327,15 @@ def load_stage(kind: str, name_or_path: str, overrides: list[str] = ()) -> tuple
     path = recipe_path(name_or_path)
     tree = _read_yaml(path)
     if "stages" in tree or any(isinstance(v, dict) and v.get("kind") == kind for v in tree.values()) or kind in tree:
-        recipe = load_recipe(name_or_path, overrides)
-        names = [n for n, s in recipe.sections.items() if s.kind == kind]
+        names = [n for n, v in tree.items() if n not in _RECIPE_KEYS and isinstance(v, dict) and _kind_of(n, v) == kind]
         if not names:
             raise ConfigError(f"{path}: recipe has no {kind} section")
-        return recipe.sections[kind if kind in names else names[0]], recipe
+        chosen = kind if kind in names else names[0]
+        # a bare key (model=..., steps=...) sets the chosen section's field; section.key and top-level keys stay
+        scoped = [ov if ov.partition("=")[0].split(".")[0] in tree or ov.partition("=")[0] in _RECIPE_KEYS
+                  else f"{chosen}.{ov}" for ov in overrides]
+        recipe = load_recipe(name_or_path, scoped)
+        return recipe.sections[chosen], recipe
     origin = apply_overrides(tree, list(overrides))
     try:
         return _KINDS[kind].model_validate({**tree, "kind": kind}), None

@@ -109,3 +109,40 @@ def test_yaml_syntax_error_is_one_line(tmp_path):
         with pytest.raises(ConfigError) as e:
             load()
         assert str(f) in str(e.value) and "not valid YAML" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_paths_are_one_line_each_before_anything_is_built(tmp_path):
+    """Every path field is checked up front: model, data file, template, reward file, output directory; each
+    error is one line naming the field (the README's wording for a missing model)."""
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["grpo", "recipes/r1-zero-tiny.yaml", "grpo.model=/no/such/dir", "grpo.steps=1"],
+         "r1: error: grpo.model: /no/such/dir is not a checkpoint directory (no config.json)"),
+        (["run", "r1-zero-tiny", f"eval.model={tmp_path}"],  # a directory, but not a checkpoint
+         f"r1: error: eval.model: {tmp_path} is not a checkpoint directory (no config.json)"),
+        (["run", "r1-zero-tiny", f"grpo.data.source={tmp_path}/rows.jsonl"],
+         f"r1: error: grpo.data.source: file {tmp_path}/rows.jsonl does not exist"),
+        (["grpo", "recipes/r1-zero-tiny.yaml", f"template={tmp_path}/t.jinja"],
+         f"r1: error: grpo.template: template file {tmp_path}/t.jinja does not exist"),
+        (["grpo", "recipes/r1-zero-tiny.yaml", f"grpo.rewards.1.name={tmp_path}/mine.py:score"],
+         f"r1: error: grpo.rewards.1.name: reward '{tmp_path}/mine.py:score': file {tmp_path}/mine.py does not exist"),
+        (["grpo", "recipes/r1-zero-tiny.yaml", "--output", f"{tmp_path}/afile/out"],
+         f"r1: error: output: {tmp_path}/afile/out cannot be created ({tmp_path}/afile is a file, not a directory)"),
+        (["run", "r1-zero-tiny", f"output_dir={tmp_path}/afile/run"],
+         f"r1: error: output: {tmp_path}/afile/run cannot be created ({tmp_path}/afile is a file, not a directory)"),
+    ]
+    for args, line in cases:
+        p = _r1(*args)
+        assert p.returncode == 2 and p.stderr.strip() == line, (args, p.stderr[-2000:])
+    assert [f.name for f in tmp_path.iterdir()] == ["afile"]  # nothing was created
+
+
+def test_bare_keys_apply_to_the_chosen_stage_of_a_recipe():
+    """`r1 grpo RECIPE model=... steps=...` as the README writes it: bare keys go to the grpo section; dotted and
+    top-level keys keep their meaning; a bare typo is still named with its suggestion."""
+    cfg, recipe = load_stage("grpo", str(RECIPE), ["model=runs/x", "steps=3", "eval.k=2", "name=other"])
+    assert (cfg.model, cfg.steps, recipe.sections["eval"].k, recipe.name) == ("runs/x", 3, 2, "other")
+    cfg, _ = load_stage("sft", str(RECIPE), ["steps=5"])  # the recipe's sft-kind section is `pretrain`
+    assert cfg.kind == "sft" and cfg.steps == 5
+    with pytest.raises(ConfigError, match=r"unknown key 'lerning_rate'.*did you mean 'learning_rate'"):
+        load_stage("grpo", str(RECIPE), ["lerning_rate=1e-5"])
