@@ -16,6 +16,7 @@ others, no ctypes, no file access outside the directory) is on by default on top
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -114,8 +115,9 @@ def _chroot_argv(root: str, work: str, uid: int) -> list[str]:
             "--kill-child", "/bin/sh", "-c", _CHROOT_SH, "sh", root, work, str(uid), *_RO_BINDS, _PREFIX]
 
 
-def _cgroups(name: str, lim: Limits) -> list[Path]:
-    """Create per-run pids and memory cgroups (v1) where this process may; [] elsewhere."""
+def _cgroups(name: str, lim: Limits, stack: contextlib.ExitStack) -> list[Path]:
+    """Create per-run pids and memory cgroups (v1) where this process may; [] elsewhere. Each group's removal is
+    put on `stack` as soon as its directory exists, so that no path out of the run leaves it behind."""
     made = []
     try:
         mem_rel = next((line.split(":", 2)[2].strip() for line in open("/proc/self/cgroup")
@@ -130,12 +132,15 @@ def _cgroups(name: str, lim: Limits) -> list[Path]:
         d = base / f"r1kit-sandbox-{name}"
         try:
             d.mkdir()
+        except OSError:
+            continue
+        stack.callback(_rm_cgroup, d)
+        try:
             for f, v in files.items():
                 (d / f).write_text(str(v))
-            made.append(d)
         except OSError:
-            if d.exists():
-                _rm_cgroup(d)
+            continue  # a group without its limit is not joined; the stack still removes it
+        made.append(d)
     return made
 
 
@@ -161,7 +166,9 @@ def _rm_cgroup(d: Path) -> None:
         try:
             d.rmdir()
             return
-        except OSError:
+        except FileNotFoundError:
+            return
+        except OSError:  # EBUSY until the kernel has let go of the killed processes
             time.sleep(0.002)
 
 
@@ -227,57 +234,76 @@ def run_tests(code: str, tests: list[dict], *, limits: Limits | None = None, bac
     if backend not in available_backends():
         raise RuntimeError(f"sandbox backend {backend!r} is not available here; have {available_backends()}")
     name = uuid.uuid4().hex[:12]
-    top = Path(tempfile.mkdtemp(prefix="r1kit-sbx-"))
-    work, root = top / "w", top / "root"
-    work.mkdir()
-    (work / "main.py").write_text(code)
-    (work / "boot.py").write_text(_BOOT)
-    (work / "tests.json").write_text(json.dumps({
-        "tests": [{"fn": t.get("fn"), "args": t.get("args", [])} for t in tests],
-        "test_timeout_s": lim.test_timeout_s, "guard": guard}))
-    for k, t in enumerate(tests):
-        (work / f"in_{k}").write_text(t.get("stdin", "") or "")
-    uid = None
-    if backend == "chroot":
-        uid = _take_uid()
-        root.mkdir()
-        os.chown(work, uid, uid)
-        work.chmod(0o700)
-    else:
-        work.chmod(0o777 if os.geteuid() == 0 else 0o700)
-    if backend == "bwrap":
-        argv = _bwrap_argv(str(work), [_PYTHON, "-I", "-S", "boot.py"])
-    elif backend == "chroot":
-        argv = _chroot_argv(str(root), str(work), uid)  # type: ignore[arg-type]
-    else:
-        argv = [_PYTHON, "-I", "-S", "boot.py"]
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": str(work)}
-    if backend == "chroot":
-        env["PY"] = _PYTHON  # read by the setup script, not passed on to the program
-    cgroups = _cgroups(name, lim) if backend != "plain" or os.geteuid() == 0 else []
-    t0, timed_out = time.monotonic(), False
-    proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-                            preexec_fn=_preexec(lim, cgroups, str(work), uid))
-    try:
-        timed_out = not _wait(proc, lim.wall_s)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.kill()
-        proc.wait()
-        for d in cgroups:
-            _rm_cgroup(d)
-        if uid is not None:
-            _kill_uid(uid)
-    outputs = [_read_capped(work / f"out_{k}", lim.output_bytes) for k in range(len(tests))]
-    errors = [(_read_capped(work / f"err_{k}", 4096) or "")[-500:] for k in range(len(tests))]
-    if uid is not None:
-        _give_uid(uid)
-    shutil.rmtree(top, ignore_errors=True)
+    # Every acquisition is followed at once by its release on a stack, so a failure anywhere (Popen raising
+    # EMFILE or ENOMEM, the chroot setup failing) gives back the directory, the uid and the cgroups. `keep`
+    # (directory, uid) outlives `live` (cgroups, the process tree): outputs are read once nothing of the
+    # program can still run, and the uid goes back to the pool only after that.
+    with contextlib.ExitStack() as keep:
+        top = Path(tempfile.mkdtemp(prefix="r1kit-sbx-"))
+        keep.callback(_remove_tree, top)
+        work, root = top / "w", top / "root"
+        work.mkdir()
+        (work / "main.py").write_text(code)
+        (work / "boot.py").write_text(_BOOT)
+        (work / "tests.json").write_text(json.dumps({
+            "tests": [{"fn": t.get("fn"), "args": t.get("args", [])} for t in tests],
+            "test_timeout_s": lim.test_timeout_s, "guard": guard}))
+        for k, t in enumerate(tests):
+            (work / f"in_{k}").write_text(t.get("stdin", "") or "")
+        uid = None
+        if backend == "chroot":
+            uid = _take_uid()
+            keep.callback(_give_uid, uid)
+            root.mkdir()
+            os.chown(work, uid, uid)
+            work.chmod(0o700)
+        else:
+            work.chmod(0o777 if os.geteuid() == 0 else 0o700)
+        if backend == "bwrap":
+            argv = _bwrap_argv(str(work), [_PYTHON, "-I", "-S", "boot.py"])
+        elif backend == "chroot":
+            argv = _chroot_argv(str(root), str(work), uid)  # type: ignore[arg-type]
+        else:
+            argv = [_PYTHON, "-I", "-S", "boot.py"]
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": str(work)}
+        if backend == "chroot":
+            env["PY"] = _PYTHON  # read by the setup script, not passed on to the program
+        with contextlib.ExitStack() as live:
+            if uid is not None:
+                live.callback(_kill_uid, uid)
+            cgroups = _cgroups(name, lim, live) if backend != "plain" or os.geteuid() == 0 else []
+            t0 = time.monotonic()
+            proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                                    preexec_fn=_preexec(lim, cgroups, str(work), uid))
+            live.callback(_reap, proc)
+            timed_out = not _wait(proc, lim.wall_s)
+        outputs = [_read_capped(work / f"out_{k}", lim.output_bytes) for k in range(len(tests))]
+        errors = [(_read_capped(work / f"err_{k}", 4096) or "")[-500:] for k in range(len(tests))]
     return RunResult(outputs, backend, time.monotonic() - t0, timed_out, errors)
+
+
+def _remove_tree(top: Path) -> None:
+    """Delete the run's directory, also when the process is short of descriptors (EMFILE, which may be what stopped
+    the program starting): shutil.rmtree holds one per level, so fall back to a walk that holds one at a time.
+    Nothing of the program runs by now, so the tree cannot change underneath."""
+    shutil.rmtree(top, ignore_errors=True)
+    for d, dirs, files in os.walk(top, topdown=False):  # nothing left to walk when rmtree succeeded
+        for n in files + [n for n in dirs if os.path.islink(os.path.join(d, n))]:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(d, n))
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """SIGKILL the program's whole session (it may have left children) and collect its exit status."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.kill()
+    proc.wait()
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> bool:

@@ -4,11 +4,14 @@ on for every backend. A correct program must still score 1 on each, so the zeros
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -252,3 +255,61 @@ def test_cpu_time_and_open_file_limits():
             "except OSError:\n    pass\nprint(len(fs))")
     opened = int(run_tests(code, [{"stdin": ""}], limits=lim).outputs[0])
     assert 0 < opened < 16
+
+
+START_FAILS = r"""
+import json, os, resource, sys, tempfile
+import rewards.sandbox as sb
+backend = sys.argv[1]
+sb.available_backends()  # probed (by starting processes) before the limit
+seen = {"groups": [], "tops": [], "uids": []}
+real_cgroups, real_mkdtemp, real_take = sb._cgroups, tempfile.mkdtemp, sb._take_uid
+def cgroups(*a):  # spies: the real functions run, their results are recorded
+    made = real_cgroups(*a)
+    seen["groups"].append([str(d) for d in made if d.is_dir()])
+    return made
+def mkdtemp(*a, **k):
+    seen["tops"].append(real_mkdtemp(*a, **k))
+    return seen["tops"][-1]
+def take_uid():
+    seen["uids"].append(real_take())
+    return seen["uids"][-1]
+sb._cgroups, sb._take_uid, tempfile.mkdtemp = cgroups, take_uid, mkdtemp
+fd = os.open(os.devnull, os.O_RDONLY)  # the lowest free descriptor
+os.close(fd)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+# Room for the one file at a time that the directory, the cgroups and their limits need, not for the three
+# (os.devnull and a pipe) that Popen needs at once: the program cannot start, after everything was acquired.
+resource.setrlimit(resource.RLIMIT_NOFILE, (fd + 2, hard))
+try:
+    sb.run_tests("print(1)", [{"stdin": ""}], backend=backend)
+    error = None
+except OSError as e:
+    error = e.errno
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+pool = sorted(sb._SLOTS) if sb._SLOTS is not None else None
+after = sb.run_tests("print(1)", [{"stdin": ""}], backend=backend).outputs
+print(json.dumps({"errno": error, "pool": pool, "after": after, **seen,
+                  "left": [p for p in seen["tops"] + [d for ds in seen["groups"] for d in ds] if os.path.exists(p)]}))
+"""
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_start_failure_releases_cgroups_uid_and_directory(backend):
+    """Popen failing for real (EMFILE under a lowered RLIMIT_NOFILE, in a child process) after the run took its
+    directory, cgroups and uid: all of them are given back, and the next run works."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", START_FAILS, backend], cwd=root, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["errno"] == errno.EMFILE, "the program was expected not to start"
+    assert len(got["tops"]) == 2  # the failed run's directory and the next run's
+    cgroups_here = os.geteuid() == 0 and os.access("/sys/fs/cgroup/pids", os.W_OK)
+    if cgroups_here:  # the limit let the failed run make its cgroups, so their removal is what is tested
+        assert got["groups"][0], got["groups"]
+    assert got["left"] == [], f"left behind: {got['left']}"
+    if backend == "chroot":
+        assert len(got["uids"]) == 2
+        assert got["pool"] == list(range(got["pool"][0], got["pool"][0] + 256)), "a uid was not given back"
+    assert got["after"] == ["1\n"]
