@@ -9,9 +9,12 @@ forward+backward) against the machine's matmul peak, measured here before, betwe
 `r1` does, the run first keeps glibc's freed large blocks for reuse (grpo/runtime.py); --glibc-default skips
 that. On CPU, r1kit's fp32 expert loop is compiled C where it builds (grpo/kernels/cpu_moe.py); --cpu-c swiglu
 keeps the loop in Python with only SwiGLU in C, --cpu-c off uses torch's ops throughout. The last line is r1kit's
-speed-up over the faster transformers backend.
+speed-up over the faster transformers backend. On a CPU without bf16 units (grpo.runtime.cpu_has_fast_bf16)
+the bf16 rows are skipped: torch emulates bf16 matmuls there, minutes per call. --peak-n shrinks the peak probe
+(with --tokens, for a quick smoke run).
 
     python bench/moe.py [--tokens 4096] [--repeats 3] [--no-bf16] [--glibc-default] [--cpu-c loop|swiglu|off]
+                        [--peak-n 2048]
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import grpo.kernels.moe as moe_mod  # noqa: E402
 from grpo.kernels.moe import moe_ffn  # noqa: E402
-from grpo.runtime import keep_freed_memory  # noqa: E402
+from grpo.runtime import cpu_has_fast_bf16, keep_freed_memory  # noqa: E402
 
 
 def matmul_peak(dtype, device, n=2048, reps=6):
-    """Best GFLOP/s of a square-ish GEMM ([4096, n] @ [n, n]) in this dtype: the roofline the MoE is held to."""
-    a = torch.randn(4096, n, device=device).to(dtype)
+    """Best GFLOP/s of a square-ish GEMM ([2n, n] @ [n, n]) in this dtype: the roofline the MoE is held to."""
+    a = torch.randn(2 * n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
     for _ in range(reps):
@@ -43,7 +46,7 @@ def matmul_peak(dtype, device, n=2048, reps=6):
         a @ b
         _sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * 4096 * n * n / best / 1e9
+    return 2 * 2 * n * n * n / best / 1e9
 
 
 def _sync(device):
@@ -104,14 +107,14 @@ def fwd_bwd(fn, moe, impl, x, cot):
     return dt, out.detach(), grads
 
 
-def time_round_robin(variants, x, cot, repeats, peak=None):
+def time_round_robin(variants, x, cot, repeats, peak=None, peak_n=2048):
     """Run the variants in turn, `repeats` rounds after one warm-up round, so that load from other processes on a
     shared machine hits all of them alike; reports each one's fastest round. peak: a dict {dtype: GFLOP/s} whose
     entries are raised by a short matmul-peak probe before each round, so the roofline sees the same machine."""
     best, results = {}, {}
     for r in range(repeats + 1):
         for dtype in peak or {}:
-            peak[dtype] = max(peak[dtype], matmul_peak(dtype, x.device, reps=2))
+            peak[dtype] = max(peak[dtype], matmul_peak(dtype, x.device, peak_n, reps=2))
         for name, (fn, moe, impl) in variants.items():
             dt, out, grads = fwd_bwd(fn, moe, impl, x, cot)
             results[name] = (out, grads)
@@ -124,6 +127,16 @@ def hf_forward(moe, x):
     return moe(x)
 
 
+def bf16_skip_reason(device, no_bf16):
+    """Why the bf16 rows are skipped, or None to run them."""
+    if no_bf16:
+        return "--no-bf16"
+    if device.type == "cpu" and not cpu_has_fast_bf16():
+        return ("this CPU has no bf16 matmul units (no avx512_bf16/amx_bf16 in /proc/cpuinfo): torch emulates bf16 "
+                "there, minutes per GEMM (R1KIT_CPU_BF16=1 runs them anyway)")
+    return None
+
+
 def max_rel_diff(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
@@ -133,6 +146,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--peak-n", type=int, default=2048, help="size n of the [2n, n] @ [n, n] matmul-peak probe")
     ap.add_argument("--glibc-default", action="store_true", help="leave glibc's malloc thresholds as they are")
     ap.add_argument("--cpu-c", choices=["loop", "swiglu", "off"], default="loop",
                     help="fp32 CPU: the expert loop in C (default), only SwiGLU in C, or torch ops throughout")
@@ -146,9 +160,13 @@ def main():
         lib, loop = moe_mod._c_kernels(torch.empty(0))  # what an fp32 CPU call of moe_ffn will run
         mode = "loop" if loop else "swiglu" if lib is not None else "off"
         print(f"fp32 CPU MoE in compiled C (grpo/kernels/cpu_moe.py): {mode}")
-    peak32 = matmul_peak(torch.float32, device)
-    peak16 = matmul_peak(torch.bfloat16, device)
-    print(f"matmul peak before the runs: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
+    skip16 = bf16_skip_reason(device, args.no_bf16)
+    if skip16:
+        print(f"bf16 rows skipped: {skip16}")
+    peak32 = matmul_peak(torch.float32, device, args.peak_n)
+    peak16 = None if skip16 else matmul_peak(torch.bfloat16, device, args.peak_n)
+    print(f"matmul peak before the runs: fp32 {peak32:.0f} GFLOP/s"
+          + ("" if skip16 else f", bf16 {peak16:.0f} GFLOP/s"))
     cfg, moe, x, cot = build_moe(args.tokens, device)
     flops = block_flops(cfg, args.tokens)
     print(f"block: T={args.tokens} E=64 top-6 H=512 I=256 shared=2; {flops / 1e9:.1f} GFLOP per forward+backward")
@@ -160,8 +178,8 @@ def main():
     if device.type == "cuda":  # the torch path too, for comparison with the Triton one
         variants["r1kit moe_ffn (torch)"] = (lambda m, x: r1kit_forward(m, x, impl="torch"), moe, None)
     peaks = {torch.float32: peak32}
-    rows = time_round_robin(variants, x, cot, args.repeats, peaks)
-    peak32 = max(peaks[torch.float32], matmul_peak(torch.float32, device))  # load may change while the MoE runs
+    rows = time_round_robin(variants, x, cot, args.repeats, peaks, args.peak_n)
+    peak32 = max(peaks[torch.float32], matmul_peak(torch.float32, device, args.peak_n))  # load may have changed
     ref_out, ref_grads = rows["transformers eager"][1:]
     print(f"fp32 matmul peak (best of before, between rounds, after): {peak32:.0f} GFLOP/s")
     head = f"{'fwd+bwd s':>10s} {'GFLOP/s':>8s} {'% peak':>7s}"
@@ -172,15 +190,15 @@ def main():
               + " ".join(f"{d:.1e}" for d in diffs))
         assert max(diffs) < 1e-3, f"{k} disagrees with transformers eager"
 
-    if not args.no_bf16:
+    if not skip16:
         moe16 = copy.deepcopy(moe).bfloat16()
         x16, cot16 = x.bfloat16(), cot.bfloat16()
         peaks16 = {torch.bfloat16: peak16}
         rows16 = time_round_robin({"transformers grouped_mm": (hf_forward, moe16, "grouped_mm"),
                                    f"r1kit moe_ffn ({path})": (r1kit_forward, moe16, None)}, x16, cot16, args.repeats,
-                                  peaks16)
+                                  peaks16, args.peak_n)
         (t_hf16, out_hf16, _), (t_r16, out_r16, _) = rows16.values()
-        peak16 = max(peaks16[torch.bfloat16], matmul_peak(torch.bfloat16, device))
+        peak16 = max(peaks16[torch.bfloat16], matmul_peak(torch.bfloat16, device, args.peak_n))
         print(f"{'variant (bf16)':34s} {head}  max rel diff vs bf16 grouped_mm (out)")
         for k, t, out in (("transformers grouped_mm", t_hf16, out_hf16), (f"r1kit moe_ffn ({path})", t_r16, out_r16)):
             print(f"{k:34s} {t:10.3f} {flops / t / 1e9:8.1f} {100 * flops / t / 1e9 / peak16:6.1f}%  "
