@@ -1,0 +1,269 @@
+"""Distillation stage: a student learns from a teacher that shares its tokenizer, in one of three modes.
+
+- `kd` (token-level KD, Hinton et al.; TRL GKD with lambda = 0): on a dataset's prompt + completion text, the
+  student's next-token distribution is pulled to the teacher's at every labelled position, by forward
+  KL(p_teacher || p_student) (`loss: forward_kl`) or TRL's generalised JSD (`loss: jsd`, `jsd_beta`).
+- `on_policy` (the student samples, the teacher scores each sampled token): `on_policy_loss: advantage` feeds the
+  per-token -(log p_s - log p_t) to grpo.algo.grpo_loss as a per-token advantage (Thinking Machines / tinker
+  on-policy distillation, discount 0: a policy gradient on the sampled reverse KL); `on_policy_loss: jsd` is
+  TRL's GKD with lambda = 1: the full-vocabulary generalised JSD at each position of the student's samples.
+- `sft` (sequence-level KD, DeepSeek-R1's distilled models): SFT on given teacher traces (data.source) through the
+  registry's sft runner; producing the traces is the reject stage's job (a recipe chains reject -> distill).
+
+Memory: neither model's [B, T, V] logits exist. The divergences stream over rows of the flattened [N, H] final
+hidden states in chunks of `chunk_size`: per chunk both models' logits [chunk, V], the divergence, and its gradient
+w.r.t. the student's logits, which is folded into d hidden and d head at once (as Liger's fused losses), so peak
+extra memory is O(chunk_size x V). Token log-probs (the advantage form) go through fused_logprob (grpo/logprobs.py).
+Simplifications: one process (no DDP); no resume (only the final checkpoint, written atomically); kd batches
+sample rows with replacement; one optimizer step per batch of samples (the advantage form's ratio is 1); the
+advantage form averages over all tokens of the batch (`bnpo`); on_policy samples with the native engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from grpo import algo, checkpoint
+from grpo.accel import make_optimizer, open_metrics, progress, seed_everything
+from grpo.config import ConfigError, DistillConfig, SFTConfig, stage_runner
+from grpo.data import load_rows
+from grpo.kernels.logprob import fused_logprob
+from grpo.logprobs import TokenLogprobs, build_batch, final_hidden, fusable, policy_logprobs
+from grpo.models import hf
+from grpo.rollout import SamplingParams, make_worker
+from grpo.templates import render
+
+# ---------------------------------------------------------------- the chunked vocabulary-wide divergence
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """sum_n div(h_s[n] @ w_s.T, h_t[n] @ w_t.T) over row chunks; the student's gradient is formed chunk by chunk
+    in forward and saved ([N, Hs] and [V, Hs], the sizes of the inputs), so only chunk x V logits live at once."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, div, chunk: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
+        g_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        for r0 in range(0, h_s.shape[0], chunk):
+            hs = h_s[r0: r0 + chunk]  # [C, Hs]
+            z_t = h_t[r0: r0 + chunk] @ w_t.T  # [C, V] 'ch,vh->cv' (teacher: no gradient)
+            z_s = hs @ w_s.T  # [C, V] 'ch,vh->cv'
+            with torch.enable_grad():
+                z_s.requires_grad_(need_h or need_w)
+                rows = div(z_s, z_t)  # [C]
+                dz = torch.autograd.grad(rows.sum(), z_s)[0].to(hs.dtype) if (need_h or need_w) else None
+            total += rows.detach().sum()
+            if need_h:
+                g_h[r0: r0 + chunk] = dz @ w_s  # 'cv,vh->ch'
+            if need_w:
+                g_w += dz.T @ hs  # 'cv,ch->vh'
+        ctx.save_for_backward(g_h, g_w)
+        ctx.dtypes = (h_s.dtype, w_s.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        g_h, g_w = ctx.saved_tensors
+        return ((g_h * g).to(ctx.dtypes[0]) if g_h is not None else None,
+                (g_w * g).to(ctx.dtypes[1]) if g_w is not None else None, None, None, None, None)
+
+
+def chunked_divergence(h_s, w_s, h_t, w_t, div, chunk_size: int = 1024) -> torch.Tensor:
+    """h_s [N, Hs], w_s [V, Hs] (student head), h_t [N, Ht], w_t [V, Ht] (teacher head, no grad); div: per-row
+    [C, V] x [C, V] -> [C] (grpo.algo.DIVERGENCES) -> the sum over the N rows, with O(chunk_size x V) memory."""
+    return _ChunkedDivergence.apply(h_s, w_s, h_t.detach(), w_t.detach(), div, int(chunk_size))
+
+
+def divergence(name: str, beta: float, temperature: float):
+    """The per-row divergence named by `loss` / `on_policy_loss: jsd` (grpo.algo.DIVERGENCES), beta and T bound."""
+    fn, kw = algo.DIVERGENCES[name], {"temperature": temperature, **({"beta": beta} if name == "jsd" else {})}
+    return lambda zs, zt: fn(zs, zt, **kw)
+
+
+# ---------------------------------------------------------------- models and the one-tokenizer check
+
+
+def check_vocab(teacher_tok, student_tok, teacher_rows: int, student_rows: int, teacher: str, student: str) -> None:
+    """Token-level distillation compares distributions over the same token ids: same vocabulary and head rows."""
+    t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if t_vocab != s_vocab:
+        t_by_id, s_by_id = {i: t for t, i in t_vocab.items()}, {i: t for t, i in s_vocab.items()}
+        first = next(i for i in range(max(len(t_by_id), len(s_by_id)) + 1) if t_by_id.get(i) != s_by_id.get(i))
+        raise ConfigError(f"distill: teacher {teacher} and student {student} have different vocabularies: teacher "
+                          f"{len(t_vocab)} tokens, student {len(s_vocab)}; first differing id {first}: teacher "
+                          f"{t_by_id.get(first)!r} vs student {s_by_id.get(first)!r}")
+    if teacher_rows != student_rows:
+        raise ConfigError(f"distill: teacher {teacher} has {teacher_rows} LM-head rows, student {student} has "
+                          f"{student_rows} (same tokenizer of {len(t_vocab)} tokens, differently padded heads)")
+
+
+def load_pair(cfg: DistillConfig, model_path: str | None, console: Console):
+    """(student, teacher frozen, tokenizer); the student is `init` built on the teacher's vocabulary, or loaded."""
+    if cfg.init is None and model_path is None:
+        raise ConfigError("distill needs a student: `model` (an HF directory) or `init` (a config to build from)")
+    t_tok = hf.load_tokenizer(cfg.teacher)
+    if cfg.init is None:
+        s_tok = hf.load_tokenizer(model_path)
+        rows = [json.loads((Path(p) / "config.json").read_text()).get("vocab_size") for p in (cfg.teacher, model_path)]
+        check_vocab(t_tok, s_tok, rows[0], rows[1], cfg.teacher, model_path)
+    teacher, tok = hf.load(cfg.teacher)
+    teacher.eval().requires_grad_(False)
+    if cfg.init is not None:
+        rows = teacher.get_output_embeddings().weight.shape[0]
+        student = hf.build_from_config(cfg.init, rows, tok.pad_token_id, tok.eos_token_id, cfg.seed)
+        console.print(f"[distill] built {cfg.init.get('model_type') or cfg.init.get('preset')} student: "
+                      f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params, vocab {rows}")
+    else:
+        student, tok = hf.load(model_path)
+    return student, teacher, tok
+
+
+def _need_fused(model, role: str, what: str) -> None:
+    if not fusable(model):
+        raise ConfigError(f"distill: {what} needs a plain linear LM head on the {role} "
+                          f"({type(model).__name__} transforms its logits); mode on_policy with on_policy_loss: "
+                          f"advantage works with any head")
+
+
+# ---------------------------------------------------------------- kd: dataset text
+
+
+def _join(prompt_text: str, completion: str) -> str:
+    """Completion text as appended to the prompt (the same rule as SFT's)."""
+    return completion if (not prompt_text or prompt_text[-1].isspace() or completion[:1].isspace()) else " " + completion
+
+
+def encode(rows: list[dict], tok, template: str, max_length: int, loss_on: str) -> list[tuple[list[int], int]]:
+    """(prompt + completion + EOS ids cut to max_length, first labelled position) per row."""
+    prompts = [render(template, r["prompt"], tok) for r in rows]
+    p_ids = tok(prompts, add_special_tokens=False).input_ids
+    c_ids = tok([_join(p, r["completion"]) for p, r in zip(prompts, rows)], add_special_tokens=False).input_ids
+    out = []
+    for i, (p, c) in enumerate(zip(p_ids, c_ids)):
+        if len(p) >= max_length:
+            raise ConfigError(f"distill: row {i}: prompt is {len(p)} tokens, longer than max_length={max_length}")
+        out.append(((p + c + [tok.eos_token_id])[:max_length], 1 if loss_on == "all" else len(p)))
+    return out
+
+
+def kd_step(student, teacher, seqs: list[tuple[list[int], int]], pad_id: int, div, chunk: int):
+    """Mean divergence over the labelled next-token positions of right-padded rows; returns (loss, tokens)."""
+    L = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    label = torch.zeros((len(seqs), L), dtype=torch.bool)  # label[b, i]: token i is predicted (from position i - 1)
+    for b, (s, start) in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s)
+        label[b, start: len(s)] = True
+    attn = (torch.arange(L)[None] < torch.tensor([len(s) for s, _ in seqs])[:, None]).long()
+    pos = torch.arange(L)[None].expand_as(ids)
+    sel = label[:, 1:]  # [B, L-1] over positions 0..L-2
+    with torch.no_grad():
+        h_t = final_hidden(teacher, ids, attn, pos)[:, :-1][sel]  # [N, Ht]
+    h_s = final_hidden(student, ids, attn, pos)[:, :-1][sel]  # [N, Hs]
+    n = h_s.shape[0]
+    total = chunked_divergence(h_s, student.get_output_embeddings().weight, h_t,
+                               teacher.get_output_embeddings().weight, div, chunk)
+    return total / max(n, 1), n
+
+
+# ---------------------------------------------------------------- on_policy: the student's own samples
+
+
+def on_policy_step(student, teacher, batch: dict, cfg: DistillConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss on one batch of student samples and the sampled per-token reverse KL log p_s - log p_t (a metric)."""
+    T, mask = cfg.sampling.temperature, batch["completion_mask"]
+    rows = slice(None)
+    if cfg.on_policy_loss == "advantage":
+        lp, ent = policy_logprobs(TokenLogprobs(student), batch, rows, T)
+        with torch.no_grad():
+            t_lp = policy_logprobs(TokenLogprobs(teacher), batch, rows, T)[0]
+        adv = algo.reverse_kl_advantages(lp, t_lp)  # [B, Lc]
+        loss, _ = algo.grpo_loss(lp, lp.detach(), None, adv, mask, loss_type="bnpo")
+        return loss, {"reverse_kl": float(algo.masked_mean(-adv, mask)), "entropy": float(algo.masked_mean(ent, mask))}
+    start, sel = batch["prompt_len"], mask.bool()
+    args = (batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    with torch.no_grad():
+        h_t = final_hidden(teacher, *args)[:, start - 1: -1][sel]  # [N, Ht]: the positions predicting each sample
+    h_s = final_hidden(student, *args)[:, start - 1: -1][sel]  # [N, Hs]
+    w_s, w_t = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
+    total = chunked_divergence(h_s, w_s, h_t, w_t, divergence("jsd", cfg.jsd_beta, T), cfg.chunk_size)
+    with torch.no_grad():
+        targets = batch["completion_ids"][sel]
+        gap = fused_logprob(h_s.detach(), w_s, targets, T)[0] - fused_logprob(h_t, w_t, targets, T)[0]
+    return total / max(h_s.shape[0], 1), {"reverse_kl": float(gap.mean())}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Console | None = None) -> Path:
+    """Run the distill stage; returns the student's final checkpoint directory (out_dir/final)."""
+    console = console or Console()
+    model_path = model_path or cfg.model
+    if cfg.mode == "sft":  # sequence-level KD: SFT on the traces, with the shared fields passed through
+        shared = {k: getattr(cfg, k) for k in SFTConfig.model_fields if k in DistillConfig.model_fields and k != "kind"}
+        return stage_runner("sft")(SFTConfig(**shared), model_path, out_dir, console)
+    seed_everything(cfg.seed)
+    student, teacher, tok = load_pair(cfg, model_path, console)
+    kd = cfg.mode == "kd"
+    if kd or cfg.on_policy_loss == "jsd":
+        _need_fused(student, "student", f"mode {cfg.mode} with a vocabulary-wide loss")
+        _need_fused(teacher, "teacher", f"mode {cfg.mode} with a vocabulary-wide loss")
+    data_cfg = cfg.data.model_copy(update={"completion_column": cfg.data.completion_column or "solution"}) if kd else cfg.data
+    rows = load_rows(data_cfg, require_answer=False)
+    if kd:
+        seqs = encode(rows, tok, cfg.template, cfg.max_length, cfg.loss_on)
+        div = divergence(cfg.loss, cfg.jsd_beta, cfg.temperature)
+    else:
+        prompts = [render(cfg.template, r["prompt"], tok, **{k: v for k, v in r.items() if k != "prompt"}) for r in rows]
+        prompt_ids = tok(prompts, add_special_tokens=False).input_ids
+        worker = make_worker("native", student, tok, model_path)
+    opt, sched = make_optimizer(student, cfg, cfg.steps)
+    rng = random.Random(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    student.train()
+    with open_metrics(out_dir / "metrics.jsonl") as log, progress(console) as bar:
+        task = bar.add_task(f"distill {cfg.mode}", total=cfg.steps, info="")
+        for step in range(cfg.steps):
+            t0 = time.perf_counter()
+            if kd:
+                loss, n = kd_step(student, teacher, [seqs[rng.randrange(len(seqs))] for _ in range(cfg.batch_size)],
+                                  tok.pad_token_id, div, cfg.chunk_size)
+                extra = {"tokens": n}
+            else:
+                idx = [rng.randrange(len(rows)) for _ in range(cfg.prompts_per_step)]
+                sp = cfg.sampling
+                student.eval()
+                comps = worker.generate([prompt_ids[i] for i in idx], cfg.group_size, SamplingParams(
+                    temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, max_tokens=sp.max_tokens,
+                    stop=list(sp.stop), seed=cfg.seed * 1_000_003 + step))
+                student.train()
+                batch = build_batch([prompt_ids[i] for i in idx], comps, tok.pad_token_id)
+                loss, extra = on_policy_step(student, teacher, batch, cfg)
+                extra.update({"tokens": int(batch["completion_mask"].sum()),
+                              "completions/mean_length": sum(len(c.token_ids) for c in comps) / len(comps)})
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"distill step {step + 1}: loss is {loss.item()}")
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if hasattr(student, "update_expert_bias"):  # DeepSeek-V3 aux-loss-free balancing, after each step
+                student.update_expert_bias()
+            m = {"step": step + 1, "loss": loss.item(), **extra, "grad_norm": grad_norm.item(),
+                 "learning_rate": sched.get_last_lr()[0], "step_time": time.perf_counter() - t0}
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            info = f"loss {m['loss']:.4f}" + (f" reverse_kl {m['reverse_kl']:.4f}" if "reverse_kl" in m else "")
+            bar.update(task, advance=1, info=info)
+    return checkpoint.save(out_dir / "final", student, tok)
