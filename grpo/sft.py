@@ -1,26 +1,36 @@
 """SFT stage: next-token loss on templated prompt + completion text (pretraining, cold start, distillation data).
 
-Simplifications: rows are sampled with replacement each step (no packing yet); the loss is on completion
+The data is a stream of epochs, each a fresh seeded shuffle of the examples (no replacement); `steps` or `epochs`
+says how much of it to train on. With `packing`, a step's examples are packed first-fit into rows of at most
+`max_length` tokens whose positions restart at 0 per example and whose attention never crosses examples, so the
+loss (mean over all labelled tokens of the step) equals the unpacked one; only the padding shrinks.
+
+Simplifications: one process (no DDP yet); `batch_size` counts examples per step, packed or not, so the tokens
+per step vary; examples longer than `max_length` are cut, never split across rows; the DeepSeek model's
+sequence-wise balance loss (aux_loss_alpha > 0) treats a packed row as one sequence. The loss is on completion
 tokens only unless `loss_on: all`. Prompt and completion are tokenized separately and joined, so the model
 learns exactly the token boundary it will see when it samples after the prompt.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import random
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from grpo import checkpoint
-from grpo.config import OptimFields, SFTConfig, TokenizerConfig
-from grpo.data import load_rows
+from grpo.accel import make_optimizer, open_metrics, progress, seed_everything
+from grpo.config import ConfigError, SFTConfig, TokenizerConfig
+from grpo.data import DataError, load_rows
 from grpo.data.tokenizer import train_bpe
+from grpo.kernels.logprob import fused_logprob
 from grpo.logprobs import final_hidden, fusable
 from grpo.models import DeepseekForCausalLM, hf
 from grpo.models.deepseek import causal_lm_loss
@@ -32,39 +42,38 @@ def join(prompt_text: str, completion: str) -> str:
     return completion if (not prompt_text or prompt_text[-1].isspace() or completion[:1].isspace()) else " " + completion
 
 
-def make_optimizer(model, cfg: OptimFields, total_steps: int):
-    """AdamW plus a warmup + constant/cosine/linear schedule."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        frac = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[cfg.lr_schedule]
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+def chat_reply(tokenizer, prompt, prompt_text: str, completion: str, where: str) -> str:
+    """The assistant turn as the chat template writes it after `prompt_text` (closing tokens included): the
+    whole conversation rendered, minus the prompt's rendering, which must be its prefix."""
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
+    if not full.startswith(prompt_text):
+        raise DataError(f"{where}: the chat template's conversation does not start with its generation prompt")
+    return full[len(prompt_text):]
 
 
-def progress(console: Console) -> Progress:
-    """The progress bar every loop shows."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False)
-
-
-def encode_rows(rows: list[dict], tokenizer, template: str, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids + EOS) per row, completions cut to fit max_length."""
+def encode_rows(rows: list[dict], tokenizer, template: str, max_length: int, name: str = "data") -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids + EOS) per row, completions cut to fit max_length. Under `chat` the completion
+    is the template's assistant turn, and EOS is added only if that turn does not already hold it."""
     prompts = [render(template, r["prompt"], tokenizer) for r in rows]
-    completions = [join(p, r["completion"]) for p, r in zip(prompts, rows)]
+    if template == "chat":
+        completions = [chat_reply(tokenizer, r["prompt"], p, r["completion"], f"{name}: row {i}")
+                       for i, (p, r) in enumerate(zip(prompts, rows))]
+    else:
+        completions = [join(p, r["completion"]) for p, r in zip(prompts, rows)]
     p_ids = tokenizer(prompts, add_special_tokens=False).input_ids
     c_ids = tokenizer(completions, add_special_tokens=False).input_ids
     out = []
     for i, (p, c) in enumerate(zip(p_ids, c_ids)):
-        c = c + [tokenizer.eos_token_id]
+        if template != "chat" or tokenizer.eos_token_id not in c:
+            c = c + [tokenizer.eos_token_id]
         if len(p) >= max_length:
-            raise ValueError(f"row {i}: prompt is {len(p)} tokens, longer than max_length={max_length}")
+            raise DataError(f"{name}: row {i}: prompt is {len(p)} tokens, longer than max_length={max_length}")
         out.append((p, c[: max_length - len(p)]))
     return out
+
+
+# ---------------------------------------------------------------- batches: padded or packed
 
 
 def collate(pairs, pad_id: int, loss_on: str) -> dict[str, torch.Tensor]:
@@ -82,49 +91,203 @@ def collate(pairs, pad_id: int, loss_on: str) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
+def pack(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Groups of indices whose lengths sum to at most max_length, with the fewest row x longest-row tokens: for
+    each row count R, from one example per row (plain padding) down to the fewest rows that could hold them all,
+    longest example first into the emptiest row (LPT); first-fit decreasing if no R fits that way."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best, best_size = None, None
+    for R in range(len(lengths), max(1, -(-sum(lengths) // max_length)) - 1, -1):
+        rows = [(0, r) for r in range(R)]  # heap of (fill, row)
+        groups: list[list[int]] = [[] for _ in range(R)]
+        for i in order:
+            fill, r = heapq.heappop(rows)
+            groups[r].append(i)
+            heapq.heappush(rows, (fill + lengths[i], r))
+        width = max(f for f, _ in rows)
+        if width <= max_length and (best_size is None or R * width < best_size):
+            best, best_size = groups, R * width
+    if best is not None:
+        return best
+    groups, free = [], []
+    for i in order:
+        j = next((j for j, f in enumerate(free) if f >= lengths[i]), None)
+        if j is None:
+            groups.append([i])
+            free.append(max_length - lengths[i])
+        else:
+            groups[j].append(i)
+            free[j] -= lengths[i]
+    return groups
+
+
+def collate_packed(pairs, pad_id: int, loss_on: str, max_length: int) -> dict[str, torch.Tensor]:
+    """Packed rows input_ids/position_ids/labels [R, L] and no attention_mask: positions restart at 0 for each
+    example (transformers and r1kit's DeepSeek model then keep attention inside each example), the padding tail
+    is one more unlabelled example, and an example's first token is never a target (nothing of it precedes it)."""
+    groups = pack([len(p) + len(c) for p, c in pairs], max_length)
+    L = max(sum(len(pairs[i][0]) + len(pairs[i][1]) for i in g) for g in groups)
+    ids = torch.full((len(groups), L), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(groups), L), dtype=torch.long)
+    labels = torch.full((len(groups), L), -100, dtype=torch.long)
+    for r, g in enumerate(groups):
+        at = 0
+        for i in g:
+            p, c = pairs[i]
+            seq = torch.tensor(p + c)
+            n = len(seq)
+            ids[r, at: at + n] = seq
+            pos[r, at: at + n] = torch.arange(n)
+            start = max(1, 0 if loss_on == "all" else len(p))
+            labels[r, at + start: at + n] = seq[start:]
+            at += n
+        pos[r, at:] = torch.arange(L - at)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+
+def make_batch(pairs, pad_id: int, cfg: SFTConfig) -> dict[str, torch.Tensor]:
+    """The step's batch, packed or padded, with its real and padding token counts (ints)."""
+    batch = (collate_packed(pairs, pad_id, cfg.loss_on, cfg.max_length) if cfg.packing
+             else collate(pairs, pad_id, cfg.loss_on))
+    tokens = sum(len(p) + len(c) for p, c in pairs)
+    return {**batch, "tokens": tokens, "padded_tokens": batch["input_ids"].numel() - tokens}
+
+
+# ---------------------------------------------------------------- losses
+
+
+def _positions(batch: dict) -> torch.Tensor:
+    """The batch's position_ids, or 0..L-1 per row (right padding: the defaults)."""
+    if "position_ids" in batch:
+        return batch["position_ids"]
+    ids = batch["input_ids"]
+    return torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+
+
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled tokens. From the final hidden states through fused_logprob
     (no [B, L, V] logits) where the head allows; r1kit's DeepSeek model computes it itself (fused inside, plus the
     lambda-weighted MTP loss and any balance loss), and other heads keep the model's own `labels` loss."""
+    ids, attn, pos = batch["input_ids"], batch.get("attention_mask"), _positions(batch)
     if isinstance(model, DeepseekForCausalLM):  # its loss never forms [B, L, V] logits unless asked for them
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+        return model(input_ids=ids, attention_mask=attn, position_ids=pos, labels=batch["labels"],
                      return_logits=False).loss
     if not fusable(model):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    ids = batch["input_ids"]
-    positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)  # right padding: the defaults
-    h = final_hidden(model, ids, batch["attention_mask"], positions)  # [B, L, D]
+        return model(input_ids=ids, attention_mask=attn, position_ids=pos, labels=batch["labels"]).loss
+    h = final_hidden(model, ids, attn, pos)  # [B, L, D]
     return causal_lm_loss(h, model.get_output_embeddings().weight, batch["labels"])
 
 
+@torch.no_grad()
+def nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """(summed next-token NLL, labelled-token count) of the main head only (no MTP or balance terms)."""
+    ids, attn, pos = batch["input_ids"], batch.get("attention_mask"), _positions(batch)
+    targets = batch["labels"][:, 1:].flatten()  # [B*(L-1)]
+    if fusable(model):
+        h = final_hidden(model, ids, attn, pos)[:, :-1].flatten(0, 1)  # [B*(L-1), D]
+        logp, _ = fused_logprob(h, model.get_output_embeddings().weight, targets)
+        total = -logp.double().sum()
+    else:
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, :-1].flatten(0, 1)
+        total = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum").double()
+    return total.item(), int((targets >= 0).sum())
+
+
+def eval_loss(model, pairs, pad_id: int, cfg: SFTConfig) -> float:
+    """Mean next-token NLL over every labelled token of the held-out examples, in eval mode."""
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(pairs), cfg.batch_size):
+        t, n = nll_sum(model, make_batch(pairs[s: s + cfg.batch_size], pad_id, cfg))
+        total, count = total + t, count + n
+    model.train()
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------- data order
+
+
+@lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """A seeded shuffle of range(n), a fresh one per epoch."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return tuple(order)
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int, limit: int | None = None) -> list[int]:
+    """Example indices of `step`: the step-th batch_size slice of the epoch stream (every example once per
+    epoch, in that epoch's order); the stream ends at `limit` examples (epochs * n) if given."""
+    lo = step * batch_size
+    hi = lo + batch_size if limit is None else min(lo + batch_size, limit)
+    return [epoch_order(n, seed, i // n)[i % n] for i in range(lo, hi)]
+
+
+def split_eval(rows: list[dict], cfg: SFTConfig) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows): `eval_data` loaded, or a seeded `eval_fraction` of `data` set apart."""
+    if cfg.eval_data is not None:
+        e = cfg.eval_data
+        return rows, load_rows(e.model_copy(update={"completion_column": e.completion_column or "solution"}), require_answer=False)
+    if cfg.eval_fraction == 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    k = max(1, round(cfg.eval_fraction * len(rows)))
+    if k >= len(rows):
+        raise DataError(f"eval_fraction={cfg.eval_fraction} leaves no training rows of {len(rows)}")
+    held = set(order[:k])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+# ---------------------------------------------------------------- the loop
+
+
 def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Console | None = None) -> Path:
-    """Run the SFT stage; returns the final checkpoint directory (out_dir/final)."""
+    """Run the SFT stage; returns the final checkpoint directory (out_dir/final). With save_every, out_dir/last
+    holds the newest checkpoint plus trainer_state, and a rerun continues from it exactly."""
     console = console or Console()
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     data_cfg = cfg.data.model_copy(update={"completion_column": cfg.data.completion_column or "solution"})
-    rows = load_rows(data_cfg, require_answer=False)
-    if cfg.init is not None:
+    rows, eval_rows = split_eval(load_rows(data_cfg, require_answer=False), cfg)
+    last = out_dir / "last"
+    resuming = cfg.resume and (last / "trainer_state").is_dir()
+    if resuming:  # exact resume: weights and tokenizer from last/, optimizer, schedule and RNG from its trainer_state
+        model, tokenizer = hf.load(str(last))
+    elif cfg.init is not None:
+        if cfg.template == "chat":
+            raise ConfigError("template: 'chat' needs a tokenizer with a chat_template; one trained for `init` has none")
         texts = []
         for r in rows:
             p = render(cfg.template, r["prompt"])
             texts += [p, join(p, r["completion"])]
         tokenizer = train_bpe(texts, (cfg.train_tokenizer or TokenizerConfig()).vocab_size)
         model = hf.build_from_config(cfg.init, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.seed)
-        console.print(f"[sft] built {cfg.init.get('model_type')} from config: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {len(tokenizer)}")
+        console.print(f"[sft] built {cfg.init.get('model_type') or cfg.init.get('preset')} from config: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {len(tokenizer)}")
     else:
         if model_path is None:
-            raise ValueError("sft needs `model` (an HF directory) or `init` (a config to build from)")
+            raise ConfigError("sft needs `model` (an HF directory) or `init` (a config to build from)")
         model, tokenizer = hf.load(model_path)
-    pairs = encode_rows(rows, tokenizer, cfg.template, cfg.max_length)
-    opt, sched = make_optimizer(model, cfg, cfg.steps)
-    rng = random.Random(cfg.seed)
+    if cfg.template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"template: 'chat' needs a tokenizer with a chat_template; {model_path or 'the trained tokenizer'} has none")
+    pairs = encode_rows(rows, tokenizer, cfg.template, cfg.max_length, data_cfg.source)
+    eval_pairs = encode_rows(eval_rows, tokenizer, cfg.template, cfg.max_length,
+                             (cfg.eval_data or data_cfg).source) if eval_rows else []
+    limit = cfg.epochs * len(pairs) if cfg.epochs else None
+    total = cfg.steps or math.ceil(limit / cfg.batch_size)
+    opt, sched = make_optimizer(model, cfg, total)
+    start = 0
+    if resuming:
+        start = checkpoint.load_state(last, opt, sched)["step"]
+        console.print(f"[sft] resumed from {last} at step {start}")
+    pad = tokenizer.pad_token_id
     out_dir.mkdir(parents=True, exist_ok=True)
     model.train()
-    with open(out_dir / "metrics.jsonl", "w") as log, progress(console) as bar:
-        task = bar.add_task("sft", total=cfg.steps, info="")
-        for step in range(cfg.steps):
+    with open_metrics(out_dir / "metrics.jsonl", start) as log, progress(console) as bar:
+        task = bar.add_task("sft", total=total, completed=start, info="")
+        for step in range(start, total):
             t0 = time.perf_counter()
-            batch = collate([pairs[rng.randrange(len(pairs))] for _ in range(cfg.batch_size)], tokenizer.pad_token_id, cfg.loss_on)
+            idx = batch_indices(step, len(pairs), cfg.batch_size, cfg.seed, limit)
+            batch = make_batch([pairs[i] for i in idx], pad, cfg)
             loss = lm_loss(model, batch)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -134,10 +297,16 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
             if hasattr(model, "update_expert_bias"):  # DeepSeek-V3 aux-loss-free balancing, after each step
                 model.update_expert_bias()
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"sft step {step}: loss is {loss.item()}")
-            m = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "learning_rate": sched.get_last_lr()[0],
-                 "tokens": int(batch["attention_mask"].sum()), "step_time": time.perf_counter() - t0}
+                raise FloatingPointError(f"sft step {step + 1}: loss is {loss.item()}")
+            m = {"step": step + 1, "epoch": (step * cfg.batch_size + len(idx)) / len(pairs), "loss": loss.item(),
+                 "grad_norm": grad_norm.item(), "learning_rate": sched.get_last_lr()[0], "examples": len(idx),
+                 "tokens": batch["tokens"], "padded_tokens": batch["padded_tokens"]}
+            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
+                m["eval_loss"] = eval_loss(model, eval_pairs, pad, cfg)
+            m["step_time"] = time.perf_counter() - t0
             log.write(json.dumps(m) + "\n")
+            log.flush()
             bar.update(task, advance=1, info=f"loss {m['loss']:.3f}")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                checkpoint.save(last, model, tokenizer, {"step": step + 1, "cursor": (step + 1) * cfg.batch_size}, opt, sched)
     return checkpoint.save(out_dir / "final", model, tokenizer)
-

@@ -476,13 +476,35 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def attention_mask_3d(attention_mask: torch.Tensor | None, B: int, S: int, past: int, device) -> torch.Tensor:
-    """[B,S,T] bool: new token i sees cached/new token j <= past+i that the 2D [B,T] padding mask keeps."""
+def packed_documents(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """[B,S] document index of each token of packed rows (a new document wherever the positions do not step by
+    1, as transformers' find_packed_sequence_indices), or None when every row is one document."""
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    docs = (step != 1).cumsum(-1)  # [B,S]
+    return None if bool((docs[:, -1] == 0).all()) else docs
+
+
+def cross_document_ignored(labels: torch.Tensor, docs: torch.Tensor | None, k: int = 0) -> torch.Tensor:
+    """labels[:, k:] [B,S-k] with -100 wherever the target (read at i+1 by the shifted loss, token i+k+1) lies
+    in another document than its predictor at i: packed rows never predict across documents."""
+    lab = labels[:, k:]
+    if docs is None:
+        return lab
+    S = docs.shape[1]
+    return torch.cat([lab[:, :1], lab[:, 1:].masked_fill(docs[:, k + 1:] != docs[:, :S - k - 1], -100)], dim=1)
+
+
+def attention_mask_3d(attention_mask: torch.Tensor | None, B: int, S: int, past: int, device,
+                      docs: torch.Tensor | None = None) -> torch.Tensor:
+    """[B,S,T] bool: new token i sees cached/new token j <= past+i that the 2D [B,T] padding mask keeps and,
+    for packed rows (docs [B,S], no cache), only tokens of its own document."""
     T = past + S
     allowed = torch.arange(T, device=device)[None, :] <= (past + torch.arange(S, device=device))[:, None]
     allowed = allowed[None].expand(B, S, T)
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, -T:].bool()
+    if docs is not None:
+        allowed = allowed & (docs[:, :, None] == docs[:, None, :])
     return allowed
 
 
@@ -567,7 +589,8 @@ class DeepseekForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [B,S,D]
         cos, sin = self.rope(position_ids, x.dtype)
         past = cache.get_seq_length() if cache is not None else 0
-        mask = attention_mask_3d(attention_mask, B, S, past, x.device)  # [B,S,T]
+        docs = packed_documents(position_ids) if attention_mask is None and cache is None else None  # as HF
+        mask = attention_mask_3d(attention_mask, B, S, past, x.device, docs)  # [B,S,T]
         for layer in self.model.layers:
             x = self.run_layer(layer, x, cos, sin, mask, cache)
         return self.model.norm(x)
@@ -592,7 +615,10 @@ class DeepseekForCausalLM(nn.Module):
             out.aux_loss = torch.stack(aux).sum()
         if labels is None:
             return out
-        out.loss = causal_lm_loss(h[:, keep], self.lm_head.weight, labels[:, keep] if logits_to_keep else labels)
+        # packed rows (attention_mask None, positions restarting at 0): no target in another document
+        docs = packed_documents(position_ids) if attention_mask is None and cache is None else None
+        out.loss = causal_lm_loss(h[:, keep], self.lm_head.weight,
+                                  labels[:, keep] if logits_to_keep else cross_document_ignored(labels, docs))
         if out.aux_loss is not None:
             out.loss = out.loss + out.aux_loss
         if self.mtp:
@@ -605,10 +631,10 @@ class DeepseekForCausalLM(nn.Module):
                 pos = position_ids[:, :S - k]
                 emb = self.model.embed_tokens(input_ids[:, k:])
                 am = attention_mask[:, -S:][:, :S - k] if attention_mask is not None else None
-                m = attention_mask_3d(am, B, S - k, 0, h.device)
+                m = attention_mask_3d(am, B, S - k, 0, h.device, docs[:, :S - k] if docs is not None else None)
                 h_prev = module(emb, h_prev[:, :S - k], pos, cos[:, :S - k], sin[:, :S - k], m)
                 self.count_load(module.block)
-                mtp_losses.append(causal_lm_loss(h_prev, self.lm_head.weight, labels[:, k:]))
+                mtp_losses.append(causal_lm_loss(h_prev, self.lm_head.weight, cross_document_ignored(labels, docs, k)))
             if mtp_losses:
                 out.mtp_loss = torch.stack(mtp_losses).mean()
                 out.loss = out.loss + cfg.mtp_loss_weight * out.mtp_loss
