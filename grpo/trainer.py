@@ -5,84 +5,61 @@ Log-probs come from the policy's hidden states through fused_logprob (grpo/logpr
 Data parallel: under `torchrun` (WORLD_SIZE > 1) accelerate wraps that scorer module, policy inside, in DDP, so
 the loss forward runs through DDP and the gradients are averaged; `prompts_per_step` is the global batch, split
 evenly over ranks, each rank samples and scores whole groups of its own prompts, and rank 0 logs and saves.
-Simplifications: the reference model is a frozen copy of the starting policy; with num_iterations == 1 the "old"
-log-probs are the current ones detached (ratio == 1, as in TRL), otherwise they are computed once before the
-updates; token-level loss types normalise per rank; r1kit's DeepSeek balance loss (aux_loss) is not added.
+Loss types, importance sampling (token / sequence), TIS and the clipped variants are grpo.algo's registry; dynamic
+sampling (drop groups whose rewards agree, draw more prompts) is grpo/dynamic.py; metrics go through
+grpo.accel.Trackers (jsonl, tensorboard, wandb). A step whose gradient is not finite is skipped and counted
+(`nonfinite/skipped`); max_nonfinite_steps of them in a row stop the run with a message.
+Simplifications: the reference model is a frozen copy of the starting policy (replaced by the policy every
+ref_reset_every steps, as R1 did); with num_iterations == 1 the "old" log-probs are the current ones detached
+(ratio == 1, as in TRL), otherwise they are computed once before the updates; token-level loss types normalise
+per rank; r1kit's DeepSeek balance loss (aux_loss) is not added.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import math
-import os
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
 import rewards as reward_lib
-from grpo import algo, checkpoint
+from rewards.runner import PerReward
+from grpo import algo, checkpoint, dynamic
+from grpo.accel import (Trackers, barrier, check_replicas, distributed, make_optimizer, progress, reduce_metrics,
+                        seed_everything)
 from grpo.config import GRPOConfig
 from grpo.data import load_rows
-from grpo.logprobs import TokenLogprobs
+from grpo.logprobs import TokenLogprobs, build_batch, micro_slices, policy_logprobs
 from grpo.models import hf
 from grpo.rollout import SamplingParams, make_worker
-from grpo.sft import make_optimizer, progress
 from grpo.templates import render
-
-
-def build_batch(prompt_ids: list[list[int]], comps, pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompts + right-padded completions, so every completion starts at column Lp.
-    Returns input_ids/attention_mask/position_ids [B, Lp+Lc], completion_ids/completion_mask/behaviour_logprobs [B, Lc]."""
-    Lp = max(len(prompt_ids[c.prompt_index]) for c in comps)
-    Lc = max(1, max(len(c.token_ids) for c in comps))
-    B = len(comps)
-    ids = torch.full((B, Lp + Lc), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, Lp + Lc), dtype=torch.long)
-    behaviour = torch.zeros((B, Lc))
-    for i, c in enumerate(comps):
-        p = prompt_ids[c.prompt_index]
-        ids[i, Lp - len(p): Lp] = torch.tensor(p)
-        ids[i, Lp: Lp + len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
-        attn[i, Lp - len(p): Lp + len(c.token_ids)] = 1
-        if c.logprobs:
-            behaviour[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
-    return {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
-            "completion_ids": ids[:, Lp:], "completion_mask": attn[:, Lp:].float(), "prompt_len": Lp,
-            "behaviour_logprobs": behaviour}
-
-
-def policy_logprobs(scorer, batch: dict, rows: slice, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs and entropies [b, Lc] of the completion tokens of batch[rows]; scorer: a TokenLogprobs
-    around the model (or DDP around one)."""
-    return scorer(batch["input_ids"][rows], batch["attention_mask"][rows], batch["position_ids"][rows],
-                  batch["completion_ids"][rows], batch["prompt_len"], temperature)
-
-
-def micro_slices(B: int, size: int) -> list[slice]:
-    """Row slices of at most `size` covering a batch of B."""
-    return [slice(s, min(s + size, B)) for s in range(0, B, size)]
 
 
 def backward_batch(scorer, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: GRPOConfig) -> dict[str, float]:
     """Accumulate the gradient of the whole batch's GRPO loss, micro-batch by micro-batch (the micro-batch
     losses are weighted so that they add up to the full-batch loss for every loss_type); returns metrics."""
     mask = batch["completion_mask"]
-    B, n_tok = mask.shape[0], mask.sum()
+    B, n_tok = mask.shape[0], mask.sum().clamp(min=1)
     agg: dict[str, float] = {"loss": 0.0}
     for m in micro_slices(B, cfg.micro_batch_size):
         # under DDP, all-reduce gradients once, on the last micro-batch
         sync = contextlib.nullcontext() if m.stop == B or not hasattr(scorer, "no_sync") else scorer.no_sync()
         with sync:
             lp, ent = policy_logprobs(scorer, batch, m, cfg.sampling.temperature)
-            loss, mets = algo.grpo_loss(lp, old_lp[m] if old_lp is not None else lp.detach(), ref_lp[m] if ref_lp is not None else None,
-                                        adv[m], mask[m], epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-                                        loss_type=cfg.loss_type, max_len=mask.shape[1])
-            share = mask[m].sum() / n_tok if cfg.loss_type == "bnpo" else (m.stop - m.start) / B
+            old = old_lp[m] if old_lp is not None else lp.detach()
+            tis = None if cfg.tis is None else algo.truncated_is_weights(
+                old, batch["behaviour_logprobs"][m], mask[m], level=cfg.tis.level, mode=cfg.tis.mode, cap=cfg.tis.cap)
+            loss, mets = algo.grpo_loss(lp, old, ref_lp[m] if ref_lp is not None else None, adv[m], mask[m],
+                                        epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                                        loss_type=cfg.loss_type, max_len=mask.shape[1],
+                                        importance_sampling=cfg.importance_sampling, is_weights=tis)
+            token_level = algo.LOSS_TYPES[cfg.loss_type].aggregation == "token_mean"
+            share = mask[m].sum() / n_tok if token_level else (m.stop - m.start) / B
             (loss * share).backward()
         agg["loss"] += float(loss.detach() * share)
         w = float(mask[m].sum() / n_tok)  # token-weighted averages of the per-token metrics
@@ -93,55 +70,11 @@ def backward_batch(scorer, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: 
     return agg
 
 
-def _distributed(model, opt):
-    """Under torchrun: (DDP-wrapped model, optimizer, rank, world size) through accelerate; else unchanged.
-    Gradients all-reduce only for parameters used inside the wrapped module's forward: wrap the module that runs
-    the whole loss forward (the TokenLogprobs scorer), never call its inner model directly for the loss."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return model, opt, 0, 1
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    # unused parameters are normal here: MTP heads and experts that got no token in a step
-    acc = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    model, opt = acc.prepare(model, opt)
-    return model, opt, acc.process_index, acc.num_processes
-
-
-def _reduce(metrics: dict[str, float], world: int) -> dict[str, float]:
-    """Average scalar metrics over ranks (min/max lengths by min/max)."""
-    if world == 1:
-        return metrics
-    import torch.distributed as dist
-
-    keys = sorted(metrics)
-    vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    lo, hi = vals.clone(), vals.clone()
-    for t, op in ((vals, dist.ReduceOp.SUM), (lo, dist.ReduceOp.MIN), (hi, dist.ReduceOp.MAX)):
-        dist.all_reduce(t, op=op)
-    out = {k: float(v) / world for k, v in zip(keys, vals)}
-    out.update({k: float(lo[i]) for i, k in enumerate(keys) if k.endswith("min_length")})
-    out.update({k: float(hi[i]) for i, k in enumerate(keys) if k.endswith("max_length")})
-    return out
-
-
-def _check_replicas(model, world: int) -> None:
-    """DDP must leave every rank with the same weights; fail loudly rather than save one rank's drift."""
-    if world == 1:
-        return
-    import torch.distributed as dist
-
-    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    seen = [torch.zeros_like(total) for _ in range(world)]
-    dist.all_gather(seen, total)
-    if any(not torch.allclose(x, seen[0], rtol=1e-9, atol=1e-9) for x in seen):
-        raise RuntimeError(f"GRPO replicas diverged across ranks: parameter sums {[float(x) for x in seen]}")
-
-
 def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | None = None) -> Path:
     """Run GRPO from `model_path`; writes out_dir/metrics.jsonl and returns the final checkpoint out_dir/final."""
     console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     reward_set = reward_lib.RewardSet.from_specs([r.model_dump() for r in cfg.rewards])
     rows = load_rows(cfg.data)
     model, tok = hf.load(model_path)
@@ -154,14 +87,12 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
         opt, sched = make_optimizer(model, cfg, cfg.steps)
         state = checkpoint.load_state(last, opt, sched)
         start, cursor = state["step"], state["cursor"]
-        log_file = out_dir / "metrics.jsonl"  # drop lines of steps after the checkpoint: they are redone
-        if log_file.is_file():
-            kept = [l for l in log_file.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
-            log_file.write_text("".join(l + "\n" for l in kept))
+        if ref is not None and "reference" in state:  # reset since the start: the reference of that step
+            ref.lm.load_state_dict(state["reference"])
         console.print(f"[grpo] resumed from {last} at step {start}")
     policy = model  # the plain module: sampling, checkpoints and weight pushes use it
     local = TokenLogprobs(policy)  # fused log-probs from the policy's hidden states (grpo/logprobs.py)
-    scorer, opt, rank, world = _distributed(local, opt)  # DDP wraps the scorer: its forward is what backward runs
+    scorer, opt, rank, world = distributed(local, opt)  # DDP wraps the scorer: its forward is what backward runs
     if cfg.prompts_per_step % world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide evenly over {world} processes")
     main = rank == 0
@@ -175,45 +106,83 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
     sp = cfg.sampling
     columns_keys = [k for k in rows[0] if k != "prompt"]
     G, P = cfg.group_size, cfg.prompts_per_step // world  # P: this rank's prompts per step
+    draws = cfg.dynamic_sampling.max_batches if cfg.dynamic_sampling else 1  # prompt draws allowed per step
     scorer.train()
-    log = open(out_dir / "metrics.jsonl", "a" if start else "w") if main else open(os.devnull, "w")
+    log = Trackers(out_dir, cfg.report_to, start, main, run_name=out_dir.name, config=cfg.model_dump(mode="json"))
+    nonfinite = 0  # consecutive steps whose gradient was not finite (their update skipped)
     with log, progress(console) if main else contextlib.nullcontext() as bar:
         task = bar.add_task("grpo", total=cfg.steps, completed=start, info="") if main else None
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            idx = [order[(cursor + rank * P + i) % len(order)] for i in range(P)]  # this rank's shard of the batch
-            cursor += P * world
-            # 1. rollouts: G samples per prompt, grouped prompt-major
-            sampling = SamplingParams(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, max_tokens=sp.max_tokens,
-                                      stop=list(sp.stop), seed=cfg.seed * 1_000_003 + step * world + rank)
-            comps = worker.generate([prompt_ids[i] for i in idx], G, sampling)
+            counts: dict = {}  # the reward counters (timeouts, errors, ...) of every draw
+            timers = {"time/reward": 0.0}
+
+            def draw(d: int) -> list[dynamic.Group]:
+                """Sample and score the next P prompts of this rank (draw d of this step), as groups of G."""
+                nonlocal cursor
+                idx = [order[(cursor + rank * P + i) % len(order)] for i in range(P)]  # this rank's shard
+                cursor += P * world
+                # 1. rollouts: G samples per prompt, grouped prompt-major
+                sampling = SamplingParams(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+                                          max_tokens=sp.max_tokens, stop=list(sp.stop),
+                                          seed=cfg.seed * 1_000_003 + (step * draws + d) * world + rank)
+                comps = worker.generate([prompt_ids[i] for i in idx], G, sampling)
+                # 2. rewards with the TRL signature; every dataset column travels along
+                t_r = time.perf_counter()
+                src = [rows[idx[c.prompt_index]] for c in comps]
+                columns = {k: [r.get(k) for r in src] for k in columns_keys}
+                totals, per = reward_set([c.text for c in comps], [prompts[idx[c.prompt_index]] for c in comps],
+                                         completion_ids=[c.token_ids for c in comps], **columns)
+                for label, c in getattr(per, "counts", {}).items():
+                    counts[label] = counts.get(label, Counter()) + c
+                timers["time/reward"] += time.perf_counter() - t_r
+                return [dynamic.Group(idx[p], comps[p * G:(p + 1) * G], totals[p * G:(p + 1) * G],
+                                      {k: v[p * G:(p + 1) * G] for k, v in per.items()}) for p in range(P)]
+
+            groups, ds_metrics = dynamic.fill(draw, P, draws)  # draws = 1: every group, plain GRPO
             worker.sleep()  # colocated vLLM on GPU frees its memory for the update; no-op for native
-            t_gen = time.perf_counter() - t0
-            # 2. rewards with the TRL signature; every dataset column travels along
-            src = [rows[idx[c.prompt_index]] for c in comps]
-            columns = {k: [r.get(k) for r in src] for k in columns_keys}
-            totals, per = reward_set([c.text for c in comps], [prompts[idx[c.prompt_index]] for c in comps],
-                                     completion_ids=[c.token_ids for c in comps], **columns)
+            t_gen = time.perf_counter() - t0 - timers["time/reward"]
+            idx, comps, totals, per = dynamic.flatten(groups)
+            per = PerReward(per)
+            per.counts = counts
             rewards_t = torch.tensor(totals)
             adv = algo.group_advantages(rewards_t, G, cfg.advantage_scale)
             # 3. log-probs: reference (frozen) and old (for num_iterations > 1), then the clipped update(s)
             batch = build_batch([prompt_ids[i] for i in idx], comps, tok.pad_token_id)
+            if cfg.mask_truncated_completions:  # cut at max_tokens: no loss on them (their rewards still count)
+                cut = torch.tensor([c.finish_reason == "length" for c in comps])
+                batch["completion_mask"][cut] = 0.0
             B = len(comps)
             micro = micro_slices(B, cfg.micro_batch_size)
+            t_ref = time.perf_counter()
             with torch.no_grad():
                 ref_lp = torch.cat([policy_logprobs(ref, batch, m, sp.temperature)[0] for m in micro]) if ref is not None else None
+                t_old = time.perf_counter()
                 old_lp = torch.cat([policy_logprobs(local, batch, m, sp.temperature)[0] for m in micro]) if cfg.num_iterations > 1 else None
-            agg: dict[str, float] = {}
+            t_update = time.perf_counter()
+            timers.update({"time/ref": t_old - t_ref, "time/old": t_update - t_old})
+            agg: dict[str, float] = {"nonfinite/skipped": 0.0}
             for _ in range(cfg.num_iterations):
                 for k, v in backward_batch(scorer, batch, adv, old_lp, ref_lp, cfg).items():
                     agg[k] = agg.get(k, 0.0) + v / cfg.num_iterations
                 grad_norm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
+                if not torch.isfinite(grad_norm):  # the same on every rank (after the all-reduce): all skip
+                    opt.zero_grad(set_to_none=True)
+                    agg["nonfinite/skipped"] += 1.0
+                    continue
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if hasattr(policy, "update_expert_bias"):  # DeepSeek-V3 aux-loss-free balancing
                     for k, v in policy.update_expert_bias().items():
                         agg[f"moe/{k}"] = v
             sched.step()
+            nonfinite = nonfinite + 1 if agg["nonfinite/skipped"] else 0
+            if nonfinite >= cfg.max_nonfinite_steps:
+                raise FloatingPointError(f"grpo step {step + 1}: the gradient was not finite in {nonfinite} steps in "
+                                         f"a row (updates skipped); lower learning_rate or check the rewards")
+            if ref is not None and cfg.ref_reset_every and (step + 1) % cfg.ref_reset_every == 0:
+                ref.lm.load_state_dict(policy.state_dict())  # R1: the reference becomes the current policy
+            timers["time/update"] = time.perf_counter() - t_update
             # 4. push the new weights to the sampler (a no-op for the native engine, which shares them)
             t_sync = time.perf_counter()
             worker.wake()
@@ -223,31 +192,31 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             std_per_group = rewards_t.view(-1, G).std(dim=1)
             metrics = {"step": step + 1, "reward": rewards_t.mean().item(), "reward_std": std_per_group.mean().item(),
                        "frac_reward_zero_std": (std_per_group < 1e-6).float().mean().item(),
-                       **reward_lib.RewardSet.metrics(per), **agg, "grad_norm": grad_norm.item(), "learning_rate": sched.get_last_lr()[0],
+                       **reward_lib.RewardSet.metrics(per), **agg, **ds_metrics, "grad_norm": grad_norm.item(), "learning_rate": sched.get_last_lr()[0],
                        "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
                        "completions/max_length": lengths.max().item(),
                        "completions/clipped_ratio": sum(c.finish_reason == "length" for c in comps) / B,
-                       "time/generate": t_gen, "time/weight_sync": t_sync, "time/step": time.perf_counter() - t0}
-            metrics = {**_reduce(metrics, world), "step": step + 1, "num_processes": world}
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"grpo step {step + 1}: loss is {metrics['loss']}")
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
+                       "time/generate": t_gen, **timers, "time/weight_sync": t_sync, "time/step": time.perf_counter() - t0}
+            metrics = {**reduce_metrics(metrics, world), "step": step + 1, "num_processes": world}
+            log.log(metrics, step + 1)
+            if cfg.sample_table_every and (step + 1) % cfg.sample_table_every == 0:
+                log.table("samples", ["prompt", "completion", "reward"],
+                          [[prompts[idx[c.prompt_index]], c.text, r] for c, r in zip(comps[:8], totals[:8])], step + 1)
             fmt = metrics.get("rewards/format/mean", float("nan"))
             if main:
                 bar.update(task, advance=1, info=f"reward {metrics['reward']:.3f} format {fmt:.2f} len {metrics['completions/mean_length']:.0f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                _check_replicas(policy, world)
+                check_replicas(policy, world, "GRPO")
                 if main:
-                    checkpoint.save(last, policy, tok, {"step": step + 1, "cursor": cursor}, opt, sched)
-    _check_replicas(policy, world)
+                    state = {"step": step + 1, "cursor": cursor}
+                    if ref is not None and cfg.ref_reset_every:
+                        state["reference"] = ref.lm.state_dict()
+                    checkpoint.save(last, policy, tok, state, opt, sched)
+    check_replicas(policy, world, "GRPO")
     final = out_dir / "final"
     if main:
         checkpoint.save(final, policy, tok)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # no rank returns before the checkpoint is in place
+    barrier(world)  # no rank returns before the checkpoint is in place
     if hasattr(worker, "close"):
         worker.close()
     return final

@@ -14,7 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grpo import checkpoint, trainer
+from grpo.algo import LOSS_TYPES
 from grpo.config import GRPOConfig
+from grpo.logprobs import build_batch, policy_logprobs
 from tests.helpers import tiny_checkpoint
 
 
@@ -32,9 +34,7 @@ def base(tmp_path_factory):
 
 
 def test_grpo_smoke_updates_weights_and_checkpoint_reloads(base, tmp_path):
-    t0 = time.time()
     final = trainer.train(_cfg(), str(base), tmp_path / "run")
-    assert time.time() - t0 < 60
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
@@ -62,16 +62,18 @@ def test_micro_batching_does_not_change_the_gradient(base):
     comps = NativeWorker(model, tok).generate(ids, 4, SamplingParams(max_tokens=12, seed=0))
     for i, c in enumerate(comps):  # ragged lengths, so that the three loss types really differ
         c.token_ids, c.logprobs = c.token_ids[: 3 + i % 9], c.logprobs[: 3 + i % 9]
-    batch = trainer.build_batch(ids, comps, tok.pad_token_id)
+    batch = build_batch(ids, comps, tok.pad_token_id)
     adv = torch.linspace(-1, 2, 16)
     scorer = TokenLogprobs(model)
     with torch.no_grad():
-        ref = trainer.policy_logprobs(scorer, batch, slice(0, 16), 1.0)[0] - 0.05
-    for loss_type in ("grpo", "bnpo", "dr_grpo"):
+        ref = policy_logprobs(scorer, batch, slice(0, 16), 1.0)[0] - 0.05
+    variants = [(lt, {}) for lt in LOSS_TYPES] + [("grpo", {"tis": {"level": "sequence", "cap": 1.5}})]
+    for loss_type, extra in variants:
         grads, losses = [], []
         for mb in (16, 3):
             model.zero_grad()
-            m = trainer.backward_batch(scorer, batch, adv, None, ref, _cfg(loss_type=loss_type, micro_batch_size=mb))
+            m = trainer.backward_batch(scorer, batch, adv, None, ref,
+                                       _cfg(loss_type=loss_type, micro_batch_size=mb, **extra))
             grads.append([p.grad.clone() for p in model.parameters()])
             losses.append(m["loss"])
         assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -1,0 +1,163 @@
+"""One GRPO step, r1kit against TRL's GRPOTrainer, in one run on the same inputs: the same tiny Qwen2 (built from a
+config, random init, a BPE tokenizer trained here), the same addition prompts, G samples per prompt, completion
+length, beta, learning rate and reward function. Both sample with plain torch on the CPU (r1kit's native engine,
+TRL's transformers generate). Prints each side's seconds per step and completion tokens/s over the timed steps,
+r1kit's phase breakdown (generate / weight sync / rest: rewards, reference and policy log-probs, backward, step)
+with the update's share of the measured fp32 matmul peak, and the r1kit/TRL ratio last.
+
+    python bench/grpo_step.py [--steps 12] [--warmup 2] [--prompts 8] [--group 8] [--max-tokens 128] [--beta 0.04]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import torch  # noqa: E402
+
+
+def reward_len(completions, **kwargs):
+    """The shared reward (spread on an untrained model, cheap): prefer completions of about 200 characters."""
+    return [-abs(200 - len(c if isinstance(c, str) else c[0]["content"])) / 200 for c in completions]
+
+
+def build(out_dir: str, hidden: int, layers: int, vocab: int) -> int:
+    """A tiny Qwen2 (head_dim 64) and a local BPE tokenizer, saved as an HF directory; returns its parameter count."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rollout_models import build_tokenizer
+
+    tok = build_tokenizer(out_dir, vocab)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64,
+                      max_position_embeddings=1024, tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+                      bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).float()
+    model.save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+def prompts(n: int) -> list[dict]:
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        rows.append({"prompt": f"<think> what is {a} + {b} ? the answer is", "answer": str(a + b)})
+    return rows
+
+
+def run_r1kit(path, rows, args, out_dir) -> list[dict]:
+    """r1kit's GRPO loop (native sampler) for steps + warmup steps; returns its metrics rows."""
+    from grpo import trainer
+    from grpo.config import GRPOConfig
+
+    data = os.path.join(out_dir, "rows.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    cfg = GRPOConfig(model=path, data={"source": data}, template=os.path.join(out_dir, "raw.jinja"),
+                     rollout="native", group_size=args.group, prompts_per_step=args.prompts,
+                     steps=args.warmup + args.steps, sampling={"temperature": 1.0, "max_tokens": args.max_tokens},
+                     beta=args.beta, learning_rate=1e-5, micro_batch_size=args.prompts * args.group, loss_type="grpo",
+                     rewards=[{"name": f"{os.path.abspath(__file__)}:reward_len"}], save_every=0)
+    trainer.train(cfg, path, __import__("pathlib").Path(out_dir) / "r1kit")
+    return [json.loads(line) for line in open(os.path.join(out_dir, "r1kit", "metrics.jsonl"))]
+
+
+def run_trl(path, rows, args, out_dir) -> list[tuple[float, float]]:
+    """TRL's GRPOTrainer on the same model, prompts and settings; returns (seconds, completion tokens) per step."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    tok.padding_side = "left"
+    steps: list[list[float]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            steps.append([time.perf_counter(), 0.0])
+
+        def on_step_end(self, *a, **k):
+            steps[-1][0] = time.perf_counter() - steps[-1][0]
+
+        def on_log(self, _args, state, control, logs=None, **k):
+            if logs and "completions/mean_length" in logs and steps:
+                steps[-1][1] = logs["completions/mean_length"] * args.prompts * args.group
+
+    cfg = GRPOConfig(output_dir=os.path.join(out_dir, "trl"), per_device_train_batch_size=args.prompts * args.group,
+                     num_generations=args.group, max_completion_length=args.max_tokens, beta=args.beta,
+                     learning_rate=1e-5, max_steps=args.warmup + args.steps, logging_steps=1, report_to="none",
+                     use_cpu=True, save_strategy="no", temperature=1.0, loss_type="grpo", scale_rewards="group",
+                     shuffle_dataset=False, disable_dropout=True, dataloader_num_workers=0, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=cfg, processing_class=tok,
+                          train_dataset=Dataset.from_list(rows * (args.warmup + args.steps)), callbacks=[Clock()])
+    trainer.train()
+    return [tuple(s) for s in steps]
+
+
+def matmul_peak(n: int = 1024, reps: int = 5) -> float:
+    """Best fp32 GFLOP/s of one [2n, n] @ [n, n] GEMM on this machine now."""
+    a, b = torch.randn(2 * n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 4 * n**3 / best / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup untimed ones)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--beta", type=float, default=0.04)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model")
+        n_params = build(path, args.hidden, args.layers, 1024)
+        with open(os.path.join(tmp, "raw.jinja"), "w") as f:
+            f.write("{{ prompt }}")  # both sides see the prompt text as it is (TRL: a plain-text dataset)
+        rows = prompts(args.prompts)
+        print(f"tiny Qwen2 {n_params / 1e6:.2f}M params (hidden {args.hidden}, {args.layers} layers), "
+              f"{args.prompts} prompts x G={args.group} x {args.max_tokens} new tokens, beta {args.beta}, "
+              f"{args.warmup} untimed + {args.steps} timed steps, torch threads {torch.get_num_threads()}")
+        peak = matmul_peak()
+        r1 = run_r1kit(path, rows, args, tmp)[args.warmup:]
+        trl = run_trl(path, rows, args, tmp)[args.warmup:]
+        peak = max(peak, matmul_peak())
+    B = args.prompts * args.group
+    r1_s = sum(m["time/step"] for m in r1) / len(r1)
+    r1_tok = sum(m["completions/mean_length"] * B for m in r1) / sum(m["time/step"] for m in r1)
+    trl_s = sum(s for s, _ in trl) / len(trl)
+    trl_tok = sum(t for _, t in trl) / sum(s for s, _ in trl)
+    gen = sum(m["time/generate"] for m in r1) / len(r1)
+    sync = sum(m["time/weight_sync"] for m in r1) / len(r1)
+    rest = r1_s - gen - sync
+    tokens = sum((m["completions/mean_length"] + 10) * B for m in r1) / len(r1)  # prompt ~10 tokens
+    update_flops = (6 + 2 * (args.beta > 0)) * n_params * tokens  # policy fwd+bwd, reference fwd
+    print(f"fp32 matmul peak (best of before and after): {peak:.0f} GFLOP/s")
+    print(f"TRL GRPOTrainer: {trl_s:6.2f} s/step, {trl_tok:7.0f} completion tokens/s")
+    print(f"r1kit (native):  {r1_s:6.2f} s/step, {r1_tok:7.0f} completion tokens/s")
+    print(f"r1kit phases per step: generate {gen:.2f} s, weight sync {sync:.3f} s, rest (rewards, log-probs, update) "
+          f"{rest:.2f} s = {update_flops / 1e9:.0f} GFLOP at {update_flops / rest / 1e9:.0f} GFLOP/s "
+          f"({100 * update_flops / rest / 1e9 / peak:.0f}% of peak)")
+    print(f"r1kit/trl completion tokens/s: {r1_tok / trl_tok:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
