@@ -1,7 +1,7 @@
 """`r1`: run recipes and single stages.
 
     r1 run RECIPE [key.sub=value ...]        a built-in recipe by name, or a recipe file
-    r1 sft|grpo|eval CONFIG [key=value ...]  one stage from a recipe file (its section) or a bare stage file
+    r1 sft|grpo|eval|reject CONFIG [k=v ...] one stage (grpo.config.STAGES) from a recipe file or a stage file
     r1 rewards list | score ...              inspect and debug reward functions
     r1 serve MODEL ...                       a vLLM rollout server for a remote trainer
 
@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from grpo.config import ConfigError, GRPOConfig, RecipeConfig, load_recipe, load_stage
+from grpo.config import STAGES, ConfigError, load_recipe, load_stage, stage_runner
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "org/name": left to transformers (hub or its cache)
@@ -57,9 +57,15 @@ def preflight(sections, output: Path | None = None) -> None:
         check_output_dir("output", output)
     for name, sec in sections:
         check_model_path(f"{name}.model", sec.model)
-        src = sec.data.source
-        if Path(src).suffix in (".jsonl", ".json", ".parquet") and not Path(src).is_file():
-            raise ConfigError(f"{name}.data.source: file {src} does not exist")
+        check_model_path(f"{name}.teacher", getattr(sec, "teacher", None))
+        datas = [(f"{name}.data", sec.data)] if sec.data is not None else []
+        datas += [(f"{name}.decontaminate.{i}", d) for i, d in enumerate(getattr(sec, "decontaminate", []))]
+        datas += [(f"{name}.benchmarks.{b}", d) for b, d in (getattr(sec, "benchmarks", None) or {}).items()]
+        datas += [(f"{name}.eval_data", sec.eval_data)] if getattr(sec, "eval_data", None) is not None else []
+        for field, data in datas:
+            src = data.source
+            if Path(src).suffix in (".jsonl", ".json", ".parquet") and not Path(src).is_file():
+                raise ConfigError(f"{field}.source: file {src} does not exist")
         try:
             templates.check(sec.template)
         except (FileNotFoundError, jinja2.TemplateError) as e:
@@ -69,7 +75,7 @@ def preflight(sections, output: Path | None = None) -> None:
                 rewards.resolve(r.name)
             except (KeyError, ImportError, AttributeError, FileNotFoundError, SyntaxError) as e:
                 raise ConfigError(f"{name}.rewards.{i}.name: {e.args[0] if e.args else e}") from None
-        if isinstance(sec, GRPOConfig) and sec.rollout == "vllm":
+        if getattr(sec, "rollout", None) == "vllm":  # grpo, reject and eval sample with a rollout engine
             try:
                 from grpo.rollout.vllm import check_vllm
             except ImportError as e:
@@ -90,28 +96,23 @@ def _run(args) -> int:
 
 
 def _stage(args) -> int:
+    """One stage kind from STAGES, from a recipe's section or a bare stage file."""
+    import json
+
     from rich.console import Console
 
     sec, recipe = load_stage(args.command, args.config, args.overrides)
     out = Path(args.output or (Path(recipe.output_dir) / args.command if recipe else Path("runs") / args.command))
     preflight([(args.command, sec)], out)
+    spec = STAGES[args.command]
+    if spec.needs_model and sec.model is None:
+        raise ConfigError(f"{args.command}.model is not set: pass model=PATH (an HF checkpoint directory)")
     console = Console()
-    if args.command == "sft":
-        from grpo import sft
-
-        console.print(f"checkpoint: {sft.train(sec, sec.model, out, console)}")
-    elif args.command == "grpo":
-        if sec.model is None:
-            raise ConfigError("grpo.model is not set: pass model=PATH (an HF checkpoint directory)")
-        from grpo import trainer
-
-        console.print(f"checkpoint: {trainer.train(sec, sec.model, out, console)}")
+    produced = stage_runner(args.command)(sec, sec.model, out, console)
+    if spec.chains:
+        console.print(f"checkpoint: {produced}")
     else:
-        if sec.model is None:
-            raise ConfigError("eval.model is not set: pass model=PATH (an HF checkpoint directory)")
-        from grpo import evaluate
-
-        for k, v in evaluate.evaluate(sec, sec.model, console).items():
+        for k, v in json.loads(Path(produced).read_text()).items():
             console.print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     return 0
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run a recipe (built-in name or YAML file)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
-    for name in ("sft", "grpo", "eval"):
+    for name in STAGES:
         p = sub.add_parser(name, help=f"run one {name} stage")
         p.add_argument("config")
         p.add_argument("overrides", nargs="*", help="key.sub=value")

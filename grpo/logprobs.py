@@ -59,3 +59,39 @@ class TokenLogprobs(nn.Module):
         logp, entropy = fused_logprob(h.flatten(0, 1), self.lm.get_output_embeddings().weight, targets.flatten(),
                                       temperature)
         return logp.view_as(targets), entropy.detach().view_as(targets)
+
+
+# ---------------------------------------------------------------- batches of (prompt, completion) rows
+
+
+def build_batch(prompt_ids: list[list[int]], comps, pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts + right-padded completions, so every completion starts at column Lp.
+    Returns input_ids/attention_mask/position_ids [B, Lp+Lc], completion_ids/completion_mask/behaviour_logprobs [B, Lc]."""
+    Lp = max(len(prompt_ids[c.prompt_index]) for c in comps)
+    Lc = max(1, max(len(c.token_ids) for c in comps))
+    B = len(comps)
+    ids = torch.full((B, Lp + Lc), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, Lp + Lc), dtype=torch.long)
+    behaviour = torch.zeros((B, Lc))
+    for i, c in enumerate(comps):
+        p = prompt_ids[c.prompt_index]
+        ids[i, Lp - len(p): Lp] = torch.tensor(p)
+        ids[i, Lp: Lp + len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
+        attn[i, Lp - len(p): Lp + len(c.token_ids)] = 1
+        if c.logprobs:
+            behaviour[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    return {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+            "completion_ids": ids[:, Lp:], "completion_mask": attn[:, Lp:].float(), "prompt_len": Lp,
+            "behaviour_logprobs": behaviour}
+
+
+def policy_logprobs(scorer, batch: dict, rows: slice, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies [b, Lc] of the completion tokens of batch[rows]; scorer: a TokenLogprobs
+    around the model (or DDP around one)."""
+    return scorer(batch["input_ids"][rows], batch["attention_mask"][rows], batch["position_ids"][rows],
+                  batch["completion_ids"][rows], batch["prompt_len"], temperature)
+
+
+def micro_slices(B: int, size: int) -> list[slice]:
+    """Row slices of at most `size` covering a batch of B."""
+    return [slice(s, min(s + size, B)) for s in range(0, B, size)]

@@ -11,7 +11,7 @@ from grpo import algo, sft
 from grpo.logprobs import TokenLogprobs, fusable
 from grpo.models import PRESETS, DeepseekForCausalLM
 from grpo.rollout import Completion
-from grpo.trainer import build_batch, policy_logprobs
+from grpo.logprobs import build_batch, policy_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 V = 320  # vocab of the tiny models

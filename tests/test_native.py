@@ -8,7 +8,7 @@ from grpo.models import hf
 from grpo.rollout import SamplingParams
 from grpo.rollout.native import NativeWorker, sample_next
 from grpo.templates import render
-from grpo.trainer import build_batch, policy_logprobs
+from grpo.logprobs import build_batch, policy_logprobs
 from tests.helpers import tiny_checkpoint
 
 

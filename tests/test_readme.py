@@ -77,7 +77,7 @@ def test_stage_commands_run_as_written(tmp_path):
         node[last] = yaml.safe_load(value)
     (tmp_path / "my-recipe.yaml").write_text(yaml.safe_dump(recipe))
     p = _r1(tmp_path, "run", "my-recipe.yaml", "grpo.steps=100", "eval.k=8")
-    assert p.stdout.count("done already") == 2 and "held-out accuracy (pass@1):" in p.stdout
+    assert p.stdout.count("done already") == 4 and "held-out accuracy (pass@1):" in p.stdout
 
     # r1 grpo RECIPE model=... --output ...: one stage, bare keys go to that stage
     p = _r1(tmp_path, "grpo", "my-recipe.yaml", "model=runs/r1-zero-tiny/00-pretrain/final", "--output", "runs/grpo")

@@ -1,0 +1,174 @@
+"""What every stage shares, in one place (nanochat's compute_init, torchtune's training/): the seed, the optimizer
+and its schedule, data parallelism through accelerate with metric averaging and replica checks, the progress bar,
+and metric logging (metrics.jsonl, truncated to the checkpoint on resume; tensorboard and wandb through Trackers). Stages import this module, never each other.
+
+Simplification: one device, the CPU or whatever accelerate places the wrapped module on; device placement and
+precision for GPUs are the next step of this module, so no stage carries its own copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from grpo.config import OptimFields
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and Python's global RNGs (stages draw data order from their own seeded Random)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def make_optimizer(model, cfg: OptimFields, total_steps: int):
+    """AdamW over the trainable parameters plus a warmup + constant/cosine/linear schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[cfg.lr_schedule]
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def progress(console: Console) -> Progress:
+    """The progress bar every loop shows."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False)
+
+
+def open_metrics(path: Path, resume_step: int = 0, main: bool = True):
+    """metrics.jsonl for appending: a fresh run starts it empty, a resumed one first drops the lines of steps after
+    its checkpoint (they are redone); ranks other than 0 write nowhere."""
+    if not main:
+        return open(os.devnull, "w")
+    if resume_step and path.is_file():
+        kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+        path.write_text("".join(l + "\n" for l in kept))
+    return open(path, "a" if resume_step else "w")
+
+
+class Trackers:
+    """Where a training loop's metrics go (`report_to`): jsonl (metrics.jsonl, always), tensorboard (event files in
+    out_dir/tb, read by `tensorboard --logdir`), wandb (offline unless WANDB_MODE says otherwise; `wandb sync` uploads
+    later). Only rank 0 writes. A resumed run truncates metrics.jsonl to its checkpoint's step (open_metrics)."""
+
+    KINDS = ("jsonl", "tensorboard", "wandb")
+
+    def __init__(self, out_dir: Path, report_to: list[str], resume_step: int = 0, main: bool = True,
+                 run_name: str = "r1kit", config: dict | None = None):
+        unknown = [k for k in report_to if k not in self.KINDS]
+        if unknown:
+            raise ValueError(f"report_to: unknown tracker {unknown[0]!r}; choose from {', '.join(self.KINDS)}")
+        self.jsonl = open_metrics(out_dir / "metrics.jsonl", resume_step, main)
+        self.tb = self.wandb = None
+        if main and "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        if main and "wandb" in report_to:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "r1kit"), name=run_name,
+                                    dir=str(out_dir), config=config or {}, resume="allow")
+
+    def log(self, metrics: dict, step: int) -> None:
+        """One step's scalars to every tracker (non-numbers go to jsonl only)."""
+        self.jsonl.write(json.dumps(metrics) + "\n")
+        self.jsonl.flush()
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        """A table of sample completions: a markdown text in tensorboard, a wandb.Table, a jsonl line."""
+        self.jsonl.write(json.dumps({"step": step, name: [dict(zip(columns, r)) for r in rows]}) + "\n")
+        if self.tb is not None:
+            esc = lambda x: str(x).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            md = "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                           + ["| " + " | ".join(esc(x) for x in r) + " |" for r in rows])
+            self.tb.add_text(name, md, step)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(columns=columns, data=[[str(x) for x in r] for r in rows])}, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def distributed(module, opt):
+    """Under torchrun: (DDP-wrapped module, optimizer, rank, world size) through accelerate; else unchanged.
+    Gradients all-reduce only for parameters used inside the wrapped module's forward: wrap the module that runs
+    the whole loss forward, never call its inner model directly for the loss."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return module, opt, 0, 1
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    # unused parameters are normal here: MTP heads and experts that got no token in a step
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    module, opt = acc.prepare(module, opt)
+    return module, opt, acc.process_index, acc.num_processes
+
+
+def reduce_metrics(metrics: dict[str, float], world: int) -> dict[str, float]:
+    """Average scalar metrics over ranks (min/max lengths by min/max)."""
+    if world == 1:
+        return metrics
+    import torch.distributed as dist
+
+    keys = sorted(metrics)
+    vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    lo, hi = vals.clone(), vals.clone()
+    for t, op in ((vals, dist.ReduceOp.SUM), (lo, dist.ReduceOp.MIN), (hi, dist.ReduceOp.MAX)):
+        dist.all_reduce(t, op=op)
+    out = {k: float(v) / world for k, v in zip(keys, vals)}
+    out.update({k: float(lo[i]) for i, k in enumerate(keys) if k.endswith("min_length")})
+    out.update({k: float(hi[i]) for i, k in enumerate(keys) if k.endswith("max_length")})
+    return out
+
+
+def check_replicas(model, world: int, what: str = "training") -> None:
+    """DDP must leave every rank with the same weights; fail loudly rather than save one rank's drift."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    seen = [torch.zeros_like(total) for _ in range(world)]
+    dist.all_gather(seen, total)
+    if any(not torch.allclose(x, seen[0], rtol=1e-9, atol=1e-9) for x in seen):
+        raise RuntimeError(f"{what} replicas diverged across ranks: parameter sums {[float(x) for x in seen]}")
+
+
+def barrier(world: int) -> None:
+    """No rank goes on before all have arrived (e.g. until rank 0's checkpoint is in place)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
