@@ -19,13 +19,14 @@ from threading import Lock
 
 from rewards import _stats
 from rewards._pool import get_pool
-from rewards._text import completion_text, is_hedge, normalise_string, strip_thousands
+from rewards._text import completion_text, gold_is_single, is_hedge, normalise_string, strip_thousands
 from rewards._text import extract_answer as _extract
 from rewards.registry import register
 
 MODES = ("math", "numeric", "choice", "exact")
-_CACHE: OrderedDict = OrderedDict()  # (mode, gold, pred, tolerances) -> (score, why): groups repeat answers
-_GOLD_OK: dict[str, bool] = {}  # gold text -> parses (learned from the workers' answers)
+# (mode, gold, pred, tolerances) -> (score, why): groups repeat answers. A pure memo of the workers' verdicts
+# on that exact pair, so a score never depends on what was scored before.
+_CACHE: OrderedDict = OrderedDict()
 _CACHE_LOCK = Lock()
 _CACHE_MAX = 100_000
 
@@ -74,15 +75,19 @@ def _local(mode: str, gold: str, pred: str, letters: str) -> tuple[float | None,
 
 def score_answers(golds: list, preds: list, modes: list[str], *, rel_tol: float = 1e-4, abs_tol: float = 1e-8,
                   deadline: float = 1.0, letters: str = "ABCDEFGHIJ", max_answer_chars: int | None = 2000,
-                  explain: bool = False) -> list[dict]:
+                  explain: bool = False, float_rounding: int = 6, strict: bool = True,
+                  allow_set_relation_comp: bool = False) -> list[dict]:
     """Score extracted answers against golds: one {score, why[, gold_repr, pred_repr]} per item. `preds` holds
-    the extracted answer string, or None (nothing extracted) or "\\0hedge" (hedge found during extraction)."""
+    the extracted answer string, or None (nothing extracted), "\\0hedge" (hedge found during extraction), or
+    "\\0boxes" + several different boxed answers joined by ", " (a list for a list gold, else a hedge)."""
     out: list[dict | None] = [None] * len(golds)
     remote: list[tuple[int, tuple, dict]] = []
     for i, (gold, pred, mode) in enumerate(zip(golds, preds, modes)):
         if mode not in MODES:
             raise ValueError(f"accuracy: unknown mode {mode!r}; choose from {MODES}")
         gold = "" if gold is None else str(gold).strip()
+        if pred is not None and pred.startswith("\0boxes"):
+            pred = pred[6:] if mode in ("math", "numeric") and not gold_is_single(gold) else "\0hedge"
         if not gold:
             out[i] = {"score": None, "why": "gold_unparsed"}
         elif pred is None or pred == "\0hedge":
@@ -95,20 +100,20 @@ def score_answers(golds: list, preds: list, modes: list[str], *, rel_tol: float 
             s, why = _local(mode, gold, pred, letters)
             out[i] = {"score": s, "why": why}
         else:
-            key = (mode, gold, pred, rel_tol, abs_tol)
+            verify_kw = {"float_rounding": float_rounding, "strict": strict,
+                         "allow_set_relation_comp": allow_set_relation_comp}  # math-verify's verify() options
+            key = (mode, gold, pred, rel_tol, abs_tol, float_rounding, strict, allow_set_relation_comp)
             with _CACHE_LOCK:
                 hit = _CACHE.get(key) if not explain else None
-                same = _GOLD_OK.get(gold) and "".join(pred.split()) == "".join(gold.split())
             ints = _as_int(gold), _as_int(pred)
-            if same and not explain:  # the gold's own text, and the gold is known to parse: no sympy needed
-                out[i] = {"score": 1.0, "why": "ok"}
-            elif mode == "math" and None not in ints and not explain:  # two integers, the commonest case: exact
+            if mode == "math" and None not in ints and not explain:  # two integers, the commonest case: exact
                 out[i] = {"score": float(ints[0] == ints[1]), "why": "ok" if ints[0] == ints[1] else "wrong"}
             elif hit is not None:
                 out[i] = dict(hit)
             else:
                 remote.append((i, key, {"mode": mode, "gold": gold, "pred": pred, "rel_tol": rel_tol,
-                                        "abs_tol": abs_tol, "explain": explain, "soft_s": 0.8 * deadline}))
+                                        "abs_tol": abs_tol, "explain": explain, "soft_s": 0.8 * deadline,
+                                        "verify": verify_kw}))
     if remote:  # each distinct (gold, answer) once: a group often repeats an answer, pathological ones too
         unique = list({key: req for _, key, req in remote}.items())
         results = dict(zip([k for k, _ in unique], get_pool().map([r for _, r in unique], deadline=deadline)))
@@ -118,11 +123,8 @@ def score_answers(golds: list, preds: list, modes: list[str], *, rel_tol: float 
             for key, res in results.items():
                 if res.get("why") not in ("timeout", "error"):  # those may be load, not the answer: retry later
                     _CACHE[key] = {"score": res.get("score"), "why": res.get("why")}
-                    _GOLD_OK[key[1]] = res.get("why") != "gold_unparsed"
             while len(_CACHE) > _CACHE_MAX:
                 _CACHE.popitem(last=False)
-            if len(_GOLD_OK) > _CACHE_MAX:
-                _GOLD_OK.clear()
     return out  # type: ignore[return-value]
 
 
@@ -135,9 +137,11 @@ def extract_answer(text: str, pattern: str | None = None, think_in_prompt: bool 
 def accuracy_reward(completions, prompts=None, *, gold_column: str = "answer", mode: str = "math",
                     mode_column: str = "answer_mode", pattern: str | None = None, think_in_prompt: bool = False,
                     rel_tol: float = 1e-4, abs_tol: float = 1e-8, deadline: float = 1.0,
-                    letters: str = "ABCDEFGHIJ", max_answer_chars: int | None = 2000,
+                    letters: str = "ABCDEFGHIJ", max_answer_chars: int | None = 2000, float_rounding: int = 6,
+                    strict: bool = True, allow_set_relation_comp: bool = False,
                     **columns) -> list[float | None]:
-    """1.0 if the completion's final answer matches column `gold_column`, else 0.0; None if the gold is unreadable."""
+    """1.0 if the completion's final answer matches column `gold_column`, else 0.0; None if the gold is unreadable.
+    float_rounding, strict and allow_set_relation_comp are math-verify's verify() options, passed through."""
     if gold_column not in columns:
         raise KeyError(f"accuracy reward needs a {gold_column!r} column; got {sorted(columns)}")
     golds = list(columns[gold_column])
@@ -145,10 +149,11 @@ def accuracy_reward(completions, prompts=None, *, gold_column: str = "answer", m
     modes = [str(m) if m else mode for m in item_modes] if item_modes is not None else [mode] * len(golds)
     preds = []
     for c in completions:
-        ans, why = _extract(completion_text(c), pattern, think_in_prompt)
-        preds.append("\0hedge" if why == "hedge" else ans)
+        ans, why = _extract(completion_text(c), pattern, think_in_prompt, join_boxes=True)
+        preds.append("\0hedge" if why == "hedge" else "\0boxes" + ans if why == "boxes" else ans)
     res = score_answers(golds, preds, modes, rel_tol=rel_tol, abs_tol=abs_tol, deadline=deadline,
-                        letters=letters, max_answer_chars=max_answer_chars)
+                        letters=letters, max_answer_chars=max_answer_chars, float_rounding=float_rounding,
+                        strict=strict, allow_set_relation_comp=allow_set_relation_comp)
     for kind in ("timeout", "error", "gold_unparsed", "hedge"):
         _stats.count(kind + "s" if kind != "gold_unparsed" else kind, sum(r.get("why") == kind for r in res))
     return [r.get("score") for r in res]

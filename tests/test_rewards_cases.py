@@ -130,6 +130,53 @@ ACCURACY = [
     (A("\\{5, 7\\}"), "5", 0.0, {}, "set for a single gold"),
     (A(", ".join(str(i) for i in range(1, 101))), "50", 0.0, {}, "enumerate everything"),
     (A("5 或 7"), "5", 0.0, {}, "Chinese or"),
+    # --- notations from math-verify's own test suite (issue 12) ---
+    (A("\\frac13"), "\\frac{1}{3}", 1.0, {}, "brace-less fraction"),
+    (A("\\sqrt3"), "\\sqrt{3}", 1.0, {}, "brace-less radical"),
+    (A("2\\sqrt 5"), "\\sqrt{20}", 1.0, {}, "brace-less radical with a space"),
+    (A("\\frac94\\pi"), "\\frac{9}{4}\\pi", 1.0, {}, "brace-less fraction of pi"),
+    (A("\\tfrac12"), "0.5", 1.0, {}, "brace-less tfrac"),
+    (A("\\frac13"), "\\frac{1}{2}", 0.0, {}, "brace-less fraction wrong"),
+    (A("Therefore $x \\geq 5$ is the solution."), "x \\geq 5", 1.0, {}, "answer inside a sentence"),
+    (A("Final Answer: The largest $n$ is 34."), "34", 1.0, {}, "sentence with another lead-in"),
+    (A("Final Answer: The largest $n$ is 35."), "34", 0.0, {}, "sentence with a wrong value"),
+    (A("So the final result is 35."), "35", 1.0, {}, "sentence, bare number"),
+    (A("We conclude that the probability is $\\frac{1}{2}$."), "0.5", 1.0, {}, "sentence, inline math"),
+    (A("The value is \\sqrt{3}"), "\\sqrt{3}", 1.0, {}, "sentence, bare LaTeX after the verb"),
+    (A("1 000"), "1000", 1.0, {}, "space as thousands separator"),
+    (A("1 234 567"), "1234567", 1.0, {}, "spaces, millions"),
+    (A("1 001"), "1000", 0.0, {}, "space-separated wrong number"),
+    (A("1.22"), "1,22", 1.0, {}, "decimal-comma gold"),
+    (A("0.111"), "0,111", 1.0, {}, "decimal comma after 0 is not a thousands separator"),
+    (A("111"), "0,111", 0.0, {}, "0,111 is not 111"),
+    (A("1000,99"), "1000.99", 1.0, {}, "decimal-comma answer"),
+    (A("1,000.99€"), "1000.99", 1.0, {}, "euro sign"),
+    (A("1,000.99m²"), "1000.99", 1.0, {}, "square metres"),
+    (A("2,74 €"), "2.74", 1.0, {}, "decimal comma and currency"),
+    (A("5,7"), "5", 0.0, {}, "5,7 is 5.7 or a pair, never 5"),
+    (A("1,5"), "\\{1,5\\}", 1.0, {}, "1,5 is still a pair for a set gold"),
+    (f"{T} \\boxed{{1}} and \\boxed{{2}}", "\\{1, 2\\}", 1.0, {}, "several boxes for a set gold"),
+    (A("\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}"), "(2, 2), (6, 2)", 1.0, {},
+     "boxed tuples for a list gold"),
+    (A("\\{1, 2\\}"), "\\boxed{1} and \\boxed{2}", 1.0, {}, "gold written as several boxes"),
+    (A("1, 2, 3"), "$1$ and $2$ and $3$", 1.0, {}, "gold written with and"),
+    (A("6, 8"), "6 \\text{ and } 8", 1.0, {}, "gold with text and"),
+    (f"{T} \\boxed{{1}} and \\boxed{{2}}", "1", 0.0, {}, "several boxes for a single gold is a hedge"),
+    (A("5 and 7"), "5", 0.0, {}, "and-list hedge"),
+    (A("So we get 5, 7."), "7", 0.0, {}, "sentence stating a list for a single gold"),
+    (A("x is 5 or 7"), "7", 0.0, {}, "sentence with alternatives"),
+    (A("35"), "$$35$$", 1.0, {}, "display-math gold"),
+    (A("125"), "$125$ miles", 1.0, {}, "gold with words"),
+    (A("126"), "$125$ miles", 0.0, {}, "gold with words, wrong"),
+    (A("1 - \\frac{1}{e}"), "$1 - \\frac{1}{\\mathrm{e}}$", 1.0, {}, "upright e is Euler's number"),
+    (A("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"), "\\begin{pmatrix}1 & 2 \\\\ 3 & 4\\end{pmatrix}", 1.0, {},
+     "matrix without spaces"),
+    (A("(3, 2)"), "(p,q)=(3,2)", 1.0, {}, "tuple for a named tuple gold"),
+    (A("(-793, 10)"), "$$-793 < a < 10$$", 1.0, {}, "interval for a chained inequality"),
+    (A("$35 + \\mathrm{e}$"), "35", 0.0, {}, "math-verify reads $35 + \\mathrm{e}$ as 35: a cut-short reading"),
+    (A("$35 + \\frac{1}{\\text{x}}$"), "35", 0.0, {}, "cut-short reading inside a fraction"),
+    (A("The value is 35x"), "35", 0.0, {}, "a sentence states 35x, not its last number"),
+    (A("The answer could be 34 or it could be 35."), "35", 0.0, {}, "alternatives in a sentence"),
     # --- gold column, unparseable gold ---
     (A("35"), "\\frac{", None, {}, "gold does not parse"),
     (A("35"), "", None, {}, "empty gold"),
@@ -364,3 +411,14 @@ def test_two_stage_antlr_parse_matches_ll(monkeypatch):
         slow.close()
     assert len(reqs) > 100
     assert a == b, [(r["gold"], r["pred"], x, y) for r, x, y in zip(reqs, a, b) if x != y]
+
+
+def test_accuracy_passes_math_verify_options_through():
+    """float_rounding, strict and allow_set_relation_comp reach math-verify's verify(): each turns its case."""
+    acc = rewards.get("accuracy")
+    cases = [("$f(x)$", "$f(y)$", {"strict": False}), ("$x \\in [-2,7]$", "$-2 \\le x \\le 7$",
+                                                        {"allow_set_relation_comp": True}),
+             ("(\\frac{3}{5},\\frac{8}{3}]", "$(0.6,2.6667]$", {"float_rounding": 2})]
+    for gold, pred, opts in cases:
+        assert acc([f"<answer>{pred}</answer>"], None, answer=[gold], deadline=10.0) == [0.0], gold
+        assert acc([f"<answer>{pred}</answer>"], None, answer=[gold], deadline=10.0, **opts) == [1.0], gold
