@@ -139,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--output", help="output directory (default: <recipe output_dir>/<stage>)")
     sub.add_parser("rewards", help="r1 rewards list | score --reward NAME --data FILE")
     sub.add_parser("serve", help="r1 serve MODEL: a vLLM rollout server")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # key=value after --output lands here: overrides too
+    bad = [a for a in extra if "=" not in a or a.startswith("-") or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     from grpo.data import DataError
     from grpo.runtime import keep_freed_memory
 

@@ -120,7 +120,7 @@ def load_pair(cfg: DistillConfig, model_path: str | None, console: Console):
     if cfg.init is not None:
         rows = teacher.get_output_embeddings().weight.shape[0]
         student = hf.build_from_config(cfg.init, rows, tok.pad_token_id, tok.eos_token_id, cfg.seed)
-        console.print(f"[distill] built {cfg.init.get('model_type') or cfg.init.get('preset')} student: "
+        console.print(f"\\[distill] built {cfg.init.get('model_type') or cfg.init.get('preset')} student: "
                       f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params, vocab {rows}")
     else:
         student, tok = hf.load(model_path)

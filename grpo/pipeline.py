@@ -29,7 +29,7 @@ def run(recipe: RecipeConfig, console: Console | None = None) -> list[tuple[str,
             raise ConfigError(f"stage {name}: no model (set {name}.model or run a training stage first)")
         done = stage_dir / spec.done
         if done.is_file():
-            console.print(f"[{name}] done already: {done.parent if spec.chains else done}")
+            console.print(f"\\[{name}] done already: {done.parent if spec.chains else done}")
         else:
             stage_runner(sec.kind)(sec, model, stage_dir, console)
         if spec.chains:
@@ -38,7 +38,7 @@ def run(recipe: RecipeConfig, console: Console | None = None) -> list[tuple[str,
             metrics = json.loads(done.read_text())
             label = f"after {last_trained}"
             evals.append((label, metrics))
-            console.print(f"[{name}] {label}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            console.print(f"\\[{name}] {label}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     if evals:
         report(recipe, evals, out, console)
     return evals

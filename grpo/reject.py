@@ -305,7 +305,7 @@ def run(cfg: RejectConfig, model_path: str, out_dir: Path, console: Console | No
     missing = [s for s in range(n_shards) if not (names[s] / "stats.json").is_file()]
     if missing:
         if len(missing) < n_shards:
-            console.print(f"[reject] resuming: {n_shards - len(missing)} of {n_shards} shards done")
+            console.print(f"\\[reject] resuming: {n_shards - len(missing)} of {n_shards} shards done")
         model, tok = hf.load(model_path)
         model.eval()
         worker = make_worker(cfg.rollout, model, tok, model_path,
@@ -336,5 +336,5 @@ def run(cfg: RejectConfig, model_path: str, out_dir: Path, console: Console | No
     atomic_dir(out_dir / "data", lambda d: (ds.to_json(str(d / "train.jsonl"), force_ascii=False),
                                               ds.to_parquet(str(d / "train.parquet"))))
     _write_json(out_dir / "stats.json", stats)
-    console.print(f"[reject] kept {stats['kept']} of {stats['samples']} samples -> {out_dir / 'data'}")
+    console.print(f"\\[reject] kept {stats['kept']} of {stats['samples']} samples -> {out_dir / 'data'}")
     return out_dir / "stats.json"

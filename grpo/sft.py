@@ -262,7 +262,7 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
             texts += [p, join(p, r["completion"])]
         tokenizer = train_bpe(texts, (cfg.train_tokenizer or TokenizerConfig()).vocab_size)
         model = hf.build_from_config(cfg.init, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.seed)
-        console.print(f"[sft] built {cfg.init.get('model_type') or cfg.init.get('preset')} from config: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {len(tokenizer)}")
+        console.print(f"\\[sft] built {cfg.init.get('model_type') or cfg.init.get('preset')} from config: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {len(tokenizer)}")
     else:
         if model_path is None:
             raise ConfigError("sft needs `model` (an HF directory) or `init` (a config to build from)")
@@ -278,7 +278,7 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
     start = 0
     if resuming:
         start = checkpoint.load_state(last, opt, sched)["step"]
-        console.print(f"[sft] resumed from {last} at step {start}")
+        console.print(f"\\[sft] resumed from {last} at step {start}")
     pad = tokenizer.pad_token_id
     out_dir.mkdir(parents=True, exist_ok=True)
     model.train()

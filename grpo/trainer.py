@@ -89,7 +89,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
         start, cursor = state["step"], state["cursor"]
         if ref is not None and "reference" in state:  # reset since the start: the reference of that step
             ref.lm.load_state_dict(state["reference"])
-        console.print(f"[grpo] resumed from {last} at step {start}")
+        console.print(f"\\[grpo] resumed from {last} at step {start}")
     policy = model  # the plain module: sampling, checkpoints and weight pushes use it
     local = TokenLogprobs(policy)  # fused log-probs from the policy's hidden states (grpo/logprobs.py)
     scorer, opt, rank, world = distributed(local, opt)  # DDP wraps the scorer: its forward is what backward runs

@@ -107,6 +107,32 @@ def test_stage_commands_run_as_written(tmp_path):
     p = _r1(tmp_path, "serve", "--help")
     assert "MODEL" in p.stdout or "model" in p.stdout
 
+    # The R1 stages, with the stage files the README shows (written here as it gives them)
+    assert _block("## The R1 stages") == [
+        "r1 reject reject.yaml model=runs/grpo/final --output runs/rs",
+        "r1 sft traces.yaml",
+        "r1 distill distill.yaml",
+        "r1 eval my-recipe.yaml model=runs/distill/final k=8",
+    ], "the README's R1-stage block changed: update this test to run the new commands"
+    section = (REPO / "README.md").read_text().split("## The R1 stages", 1)[1].split("\n## ", 1)[0]
+    for name, body in re.findall(r"```yaml\n# (\S+\.yaml)[^\n]*\n(.*?)```", section, re.S):
+        (tmp_path / name).write_text(body)
+    assert {"reject.yaml", "traces.yaml", "distill.yaml"} <= {f.name for f in tmp_path.iterdir()}
+    # shrunk: a 1-step policy passes R1's keep rule on few samples, so every scored sample is kept here
+    p = _r1(tmp_path, "reject", "reject.yaml", "model=runs/grpo/final", "--output", "runs/rs", "samples_per_prompt=2",
+            "data.num_examples=6", "sampling.max_tokens=16", "keep={}", "filters.truncated=false")
+    stats = json.loads((tmp_path / "runs/rs/stats.json").read_text())
+    assert stats["kept"] + sum(stats["dropped"].values()) == stats["samples"] == 12
+    assert (tmp_path / "runs/rs/data/train.jsonl").is_file() and "[reject] kept" in p.stdout
+    p = _r1(tmp_path, "sft", "traces.yaml", "epochs=1", "batch_size=4")
+    assert "checkpoint: runs/sft/final" in p.stdout
+    p = _r1(tmp_path, "distill", "distill.yaml", "steps=2", "data.num_examples=8", "prompts_per_step=2",
+            "group_size=2", "sampling.max_tokens=16")
+    assert "checkpoint: runs/distill/final" in p.stdout and (tmp_path / "runs/distill/final/config.json").is_file()
+    p = _r1(tmp_path, "eval", "my-recipe.yaml", "model=runs/distill/final", "k=2")
+    assert re.search(r"^pass@1: \d\.\d{4}$", p.stdout, re.M)
+    assert (tmp_path / "runs/eval/eval/result.md").is_file()
+
 
 def test_readme_error_examples_are_what_r1_prints():
     """The README quotes one-line errors (a misspelt override, a missing model); r1 prints exactly those lines."""
