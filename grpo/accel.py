@@ -41,6 +41,18 @@ def make_optimizer(model, cfg: OptimFields, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def optimizer_step(model, opt, sched, max_grad_norm: float) -> torch.Tensor:
+    """After backward: clip the gradient norm, step the optimizer and the schedule, clear the gradients, and update
+    r1kit's DeepSeek router bias (aux-loss-free balancing, once per step); returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    if hasattr(model, "update_expert_bias"):
+        model.update_expert_bias()
+    return grad_norm
+
+
 def progress(console: Console) -> Progress:
     """The progress bar every loop shows."""
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 
 from grpo import algo, checkpoint
-from grpo.accel import make_optimizer, open_metrics, progress, seed_everything
+from grpo.accel import make_optimizer, open_metrics, optimizer_step, progress, seed_everything
 from grpo.config import ConfigError, DistillConfig, SFTConfig, stage_runner
 from grpo.data import load_rows
 from grpo.kernels.logprob import fused_logprob
@@ -254,12 +254,7 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"distill step {step + 1}: loss is {loss.item()}")
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if hasattr(student, "update_expert_bias"):  # DeepSeek-V3 aux-loss-free balancing, after each step
-                student.update_expert_bias()
+            grad_norm = optimizer_step(student, opt, sched, cfg.max_grad_norm)
             m = {"step": step + 1, "loss": loss.item(), **extra, "grad_norm": grad_norm.item(),
                  "learning_rate": sched.get_last_lr()[0], "step_time": time.perf_counter() - t0}
             log.write(json.dumps(m) + "\n")

@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 
 from grpo import checkpoint
-from grpo.accel import make_optimizer, open_metrics, progress, seed_everything
+from grpo.accel import make_optimizer, open_metrics, optimizer_step, progress, seed_everything
 from grpo.config import ConfigError, SFTConfig, TokenizerConfig
 from grpo.data import DataError, load_rows
 from grpo.data.tokenizer import train_bpe
@@ -290,12 +290,7 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
             batch = make_batch([pairs[i] for i in idx], pad, cfg)
             loss = lm_loss(model, batch)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if hasattr(model, "update_expert_bias"):  # DeepSeek-V3 aux-loss-free balancing, after each step
-                model.update_expert_bias()
+            grad_norm = optimizer_step(model, opt, sched, cfg.max_grad_norm)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"sft step {step + 1}: loss is {loss.item()}")
             m = {"step": step + 1, "epoch": (step * cfg.batch_size + len(idx)) / len(pairs), "loss": loss.item(),

@@ -131,7 +131,7 @@ def test_stage_commands_run_as_written(tmp_path):
     assert "checkpoint: runs/distill/final" in p.stdout and (tmp_path / "runs/distill/final/config.json").is_file()
     p = _r1(tmp_path, "eval", "my-recipe.yaml", "model=runs/distill/final", "k=2")
     assert re.search(r"^pass@1: \d\.\d{4}$", p.stdout, re.M)
-    assert (tmp_path / "runs/eval/eval/result.md").is_file()
+    assert (tmp_path / "runs/r1-zero-tiny/eval/eval/result.md").is_file()  # <recipe output_dir>/<stage>
 
 
 def test_readme_error_examples_are_what_r1_prints():
