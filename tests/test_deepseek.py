@@ -70,7 +70,7 @@ def test_logits_match_transformers(saved):
     diff = (ours - theirs).abs().max().item()
     diff_pad = (ours_pad[mask.bool()] - theirs_pad[mask.bool()]).abs().max().item()
     tol = parity_tol(hf, lambda m: m(x).logits)  # from transformers' own fp32 error against its float64 copy
-    tol_pad = parity_tol(hf, lambda m: m(x, attention_mask=mask, position_ids=pos).logits[mask.bool()])
+    tol_pad = parity_tol(hf, lambda m: m(x, attention_mask=mask, position_ids=pos).logits[mask.bool()])  # the same
     print(f"max |logits r1kit - transformers| = {diff:.2e} (bound {tol:.2e}), left-padded {diff_pad:.2e} "
           f"(bound {tol_pad:.2e})")
     assert diff <= tol and diff_pad <= tol_pad

@@ -93,6 +93,7 @@ def test_moe_torch_matches_reference(T, H, E, K, I, seed, threads, cpu_c, monkey
     inputs = _moe_inputs(T, H, E, K, I, seed)
     ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, [0, 2, 3, 4])
     got = _fwd_bwd(lambda *a: moe_ffn(*a, impl="torch"), inputs, [0, 2, 3, 4])
+    # bound: fp32 rounding of the expert chain (_moe_tols, MOE_ROUNDINGS)
     _assert_close(got[0] + got[1], ref[0] + ref[1], _moe_tols(inputs, [0, 2, 3, 4], T, H, I, K))
     assert got[1][3][E - 1].abs().max() == 0  # the expert nobody picked gets exactly zero grad
     again = _fwd_bwd(lambda *a: moe_ffn(*a, impl="torch"), inputs, [0, 2, 3, 4])
@@ -141,7 +142,7 @@ def test_moe_torch_computes_only_the_grads_asked_for(grad_idx, cpu_c, monkeypatc
     monkeypatch.setattr(cpu_moe, "expert_bwd", lambda *a: calls.extend([1] * bwd(*a)))  # the C loop's GEMM count
     grads = torch.autograd.grad(out, [leaves[i] for i in grad_idx],
                                 torch.randn(out.shape, generator=torch.Generator().manual_seed(0)))
-    _assert_close(list(grads), ref[1], _moe_tols(inputs, grad_idx, T, H, I, K)[1:])
+    _assert_close(list(grads), ref[1], _moe_tols(inputs, grad_idx, T, H, I, K)[1:])  # bound: the expert chain
     # per expert: da always; dW_down if asked; dh-side GEMMs: dW_gate_up if asked, dx if asked
     per_expert = 1 + (4 in grad_idx) + (3 in grad_idx) + (0 in grad_idx)
     assert len(calls) == per_expert * (E - 1)  # expert E-1 has no rows
@@ -313,6 +314,7 @@ def test_moe_triton_matches_reference(T, H, E, K, I, seed):
     ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, [0, 2, 3, 4])
     # 16-wide blocks: several row blocks per expert, several k-steps, ragged edges on every dim
     got = _fwd_bwd(lambda *a: moe_ffn_triton(*a, block_m=16, block_n=16, block_k=16), inputs, [0, 2, 3, 4])
+    # bound: fp32 rounding of the expert chain; Triton's block sums are one more summation order
     _assert_close(got[0] + got[1], ref[0] + ref[1], _moe_tols(inputs, [0, 2, 3, 4], T, H, I, K))
 
 
@@ -322,6 +324,7 @@ def test_moe_triton_computes_only_the_grads_asked_for(grad_idx):
     inputs = _moe_inputs(T, H, E, K, I, seed=9)
     ref = _fwd_bwd(lambda *a: moe_ffn(*a, impl="reference"), inputs, grad_idx)
     got = _fwd_bwd(lambda *a: moe_ffn_triton(*a, block_m=16, block_n=16, block_k=16), inputs, grad_idx)
+    # bound: as above
     _assert_close(got[0] + got[1], ref[0] + ref[1], _moe_tols(inputs, grad_idx, T, H, I, K))
 
 
@@ -425,7 +428,7 @@ def test_rms_norm_triton_matches_reference(shape):
     ref = _fwd_bwd(lambda a, b: rms_norm(a, b, 1e-6, impl="torch"), (x, w), [0, 1])
     got = _fwd_bwd(lambda a, b: rms_norm(a, b, 1e-6, impl="triton"), (x, w), [0, 1])
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(0))  # _fwd_bwd's cotangent
-    _assert_close(got[0] + got[1], ref[0] + ref[1], _rms_tols(x, w, dy))
+    _assert_close(got[0] + got[1], ref[0] + ref[1], _rms_tols(x, w, dy))  # bound: D-term means, rsqrt, products
 
 
 def test_rms_norm_triton_bf16_returns_input_dtype():
@@ -498,7 +501,7 @@ def test_fused_logprob_matches_reference(impl, N, H, V, chunk, temp):
     inputs = _logprob_inputs(N, H, V, seed=N)
     ref = _fwd_bwd(lambda h, w, t: logprob_reference(h, w, t, temp), inputs, [0, 1])
     got = _fwd_bwd(lambda h, w, t: fused_logprob(h, w, t, temp, chunk_size=chunk, impl=impl), inputs, [0, 1])
-    tols = _logprob_tols(*inputs, temp, chunk)
+    tols = _logprob_tols(*inputs, temp, chunk)  # bound: H-term logits, V-term lse, chunk merges
     _assert_close(got[0] + got[1], ref[0] + ref[1], tols)
     assert got[0][0][1] == 0  # ignored target
     assert (got[0][1] > 0).all() and (got[0][1] <= torch.log(torch.tensor(float(V))) + tols[1]).all()
@@ -510,7 +513,7 @@ def test_fused_logprob_grad_of_logp_alone(impl):
     h, w, t = _logprob_inputs(10, 24, 130, seed=12)
     ref = _fwd_bwd(lambda a, b: logprob_reference(a, b, t, 0.9)[0], (h, w), [0, 1])
     got = _fwd_bwd(lambda a, b: fused_logprob(a, b, t, 0.9, chunk_size=48, impl=impl)[0], (h, w), [0, 1])
-    tols = _logprob_tols(h, w, t, 0.9, 48, entropy_grad=False)
+    tols = _logprob_tols(h, w, t, 0.9, 48, entropy_grad=False)  # bound: as above, no entropy term
     _assert_close(got[0] + got[1], ref[0] + ref[1], tols[:1] + tols[2:])
 
 
@@ -518,7 +521,7 @@ def test_fused_logprob_result_independent_of_chunk_size():
     h, w, t = _logprob_inputs(11, 32, 200, seed=10)
     a = fused_logprob(h, w, t, chunk_size=7)
     b = fused_logprob(h, w, t, chunk_size=200)
-    _assert_close(a, b, _logprob_tols(h, w, t, 1.0, 7)[:2])
+    _assert_close(a, b, _logprob_tols(h, w, t, 1.0, 7)[:2])  # bound: each chunking within _logprob_tols
 
 
 @needs_cuda
