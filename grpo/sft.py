@@ -1,7 +1,8 @@
 """SFT stage: next-token loss on templated prompt + completion text (pretraining, cold start, distillation data).
 
-The data is a stream of epochs, each a fresh seeded shuffle of the examples (no replacement); `steps` or `epochs`
-says how much of it to train on. With `packing`, a step's examples are packed first-fit into rows of at most
+With `epochs`, the data is a stream of epochs, each a fresh seeded shuffle of the examples (no replacement); with
+`steps`, each step draws its rows with replacement from one seeded stream (r1kit's SFT as it was: the built-in
+recipe's pretraining depends on it; a resumed run fast-forwards the stream). With `packing`, a step's examples are packed first-fit into rows of at most
 `max_length` tokens whose positions restart at 0 per example and whose attention never crosses examples, so the
 loss (mean over all labelled tokens of the step) equals the unpacked one; only the padding shrinks.
 
@@ -279,6 +280,12 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
     if resuming:
         start = checkpoint.load_state(last, opt, sched)["step"]
         console.print(f"\\[sft] resumed from {last} at step {start}")
+    # `epochs`: shuffled passes, every example once per epoch. `steps`: rows drawn with replacement from one seeded
+    # stream, as r1kit's SFT always has (the built-in recipe's pretraining is tuned to it), fast-forwarded on resume
+    draw = random.Random(cfg.seed)
+    if cfg.epochs is None:
+        for _ in range(start * cfg.batch_size):
+            draw.randrange(len(pairs))
     pad = tokenizer.pad_token_id
     out_dir.mkdir(parents=True, exist_ok=True)
     model.train()
@@ -286,7 +293,8 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
         task = bar.add_task("sft", total=total, completed=start, info="")
         for step in range(start, total):
             t0 = time.perf_counter()
-            idx = batch_indices(step, len(pairs), cfg.batch_size, cfg.seed, limit)
+            idx = (batch_indices(step, len(pairs), cfg.batch_size, cfg.seed, limit) if cfg.epochs is not None
+                   else [draw.randrange(len(pairs)) for _ in range(cfg.batch_size)])
             batch = make_batch([pairs[i] for i in idx], pad, cfg)
             loss = lm_loss(model, batch)
             loss.backward()
