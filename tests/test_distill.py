@@ -100,7 +100,7 @@ def test_jsd_matches_direct_formula(beta):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """A teacher (64 wide, 2 layers, given 40 SFT steps on the arithmetic task so its next-token distributions are
+    """A teacher (64 wide, 2 layers, given 10 SFT epochs (40 steps) on the arithmetic task so its next-token distributions are
     peaked: a fixed target far from the random student) and a random student (32 wide, 1 layer), one tokenizer."""
     from rich.console import Console
 
@@ -109,7 +109,7 @@ def pair(tmp_path_factory):
     torch.set_num_threads(1)  # tiny matmuls on a shared 2-core machine (as the one_thread fixture)
     root = tmp_path_factory.mktemp("distill")
     base = tiny_checkpoint(root / "base", hidden=64, layers=2, seed=1)
-    sft = SFTConfig(steps=40, batch_size=16, learning_rate=3e-3, max_length=96,
+    sft = SFTConfig(epochs=10, batch_size=16, learning_rate=3e-3, max_length=96,  # 40 steps, each row 10 times
                     data={"source": "synthetic:arith", "num_examples": 64})
     teacher = stage_runner("sft")(sft, str(base), root / "teacher", Console(quiet=True))
     student = tiny_checkpoint(root / "student", hidden=32, layers=1, seed=2)
