@@ -5,7 +5,7 @@ TRL's transformers generate). Prints each side's seconds per step and completion
 r1kit's phase breakdown (generate / weight sync / rest: rewards, reference and policy log-probs, backward, step)
 with the update's share of the measured fp32 matmul peak, and the r1kit/TRL ratio last.
 
-    python bench/grpo_step.py [--steps 12] [--warmup 2] [--prompts 8] [--group 8] [--max-tokens 128] [--beta 0.04]
+    python bench/grpo_step.py [--steps 10] [--warmup 2] [--prompts 8] [--group 8] [--max-tokens 128] [--beta 0.04]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import random
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
@@ -68,7 +69,7 @@ def run_r1kit(path, rows, args, out_dir) -> list[dict]:
                      steps=args.warmup + args.steps, sampling={"temperature": 1.0, "max_tokens": args.max_tokens},
                      beta=args.beta, learning_rate=1e-5, micro_batch_size=args.prompts * args.group, loss_type="grpo",
                      rewards=[{"name": f"{os.path.abspath(__file__)}:reward_len"}], save_every=0)
-    trainer.train(cfg, path, __import__("pathlib").Path(out_dir) / "r1kit")
+    trainer.train(cfg, path, Path(out_dir) / "r1kit")
     return [json.loads(line) for line in open(os.path.join(out_dir, "r1kit", "metrics.jsonl"))]
 
 
