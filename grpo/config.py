@@ -151,6 +151,9 @@ class GRPOConfig(OptimFields):
     mask_truncated_completions: bool = False  # completions cut at max_tokens add no loss (DAPO overlong filter)
     dynamic_sampling: DynamicSamplingConfig | None = None
     ref_reset_every: int = Field(0, ge=0)  # R1 replaced the reference with the policy every 400 steps; 0: never
+    # MoE routing replay (R3): the trainer's policy forwards route each token to the experts the native sampler
+    # routed it to (r1kit's DeepSeek model, rollout: native)
+    routing_replay: bool = False
     max_nonfinite_steps: int = Field(3, ge=1)  # a non-finite gradient skips the update; this many in a row stop
     report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["jsonl"])
     sample_table_every: int = Field(0, ge=0)  # log a table of sample completions every N steps; 0: never
@@ -165,6 +168,8 @@ class GRPOConfig(OptimFields):
     def _check(self):
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon_low
+        if self.routing_replay and self.rollout != "native":
+            raise ValueError("routing_replay needs rollout: native (the vLLM worker does not return routed experts)")
         return self
 
 

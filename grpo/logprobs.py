@@ -29,10 +29,11 @@ def fusable(lm: nn.Module) -> bool:
     return not any(getattr(c, k, None) is not None for c in configs for k in HEAD_TRANSFORMS)
 
 
-def final_hidden(lm: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """[b, L, D]: the backbone's output after the final norm, i.e. what the LM head reads (no head run)."""
+def final_hidden(lm: nn.Module, input_ids, attention_mask, position_ids, routed_experts=None) -> torch.Tensor:
+    """[b, L, D]: the backbone's output after the final norm, i.e. what the LM head reads (no head run).
+    routed_experts [b, L, M, K]: routing replay for r1kit's MoE model (DeepseekForCausalLM.hidden)."""
     if isinstance(lm, DeepseekForCausalLM):
-        return lm.hidden(input_ids, attention_mask, position_ids)
+        return lm.hidden(input_ids, attention_mask, position_ids, routed_experts=routed_experts)
     return lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False).last_hidden_state
 
@@ -46,16 +47,18 @@ class TokenLogprobs(nn.Module):
         self.lm = lm
         self.fused = fusable(lm)
 
-    def forward(self, input_ids, attention_mask, position_ids, targets, start: int, temperature: float):
+    def forward(self, input_ids, attention_mask, position_ids, targets, start: int, temperature: float,
+                routed_experts=None):
         """input_ids, attention_mask, position_ids [b, L]; targets [b, L - start]: the tokens at columns start..L-1
         -> (log p(target) [b, L - start], entropy [b, L - start]) under softmax(logits / temperature). Targets < 0
-        give logp 0. The entropy is detached (a metric, kept out of the gradient)."""
+        give logp 0. The entropy is detached (a metric, kept out of the gradient). routed_experts: routing replay."""
+        replay = {} if routed_experts is None else {"routed_experts": routed_experts}
         if not self.fused:
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids).logits[:, start - 1: -1]  # [b, L - start, V]
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             **replay).logits[:, start - 1: -1]  # [b, L - start, V]
             logp, entropy = algo.token_logprobs(logits, targets.clamp_min(0), temperature)
             return torch.where(targets >= 0, logp, 0.0), entropy
-        h = final_hidden(self.lm, input_ids, attention_mask, position_ids)[:, start - 1: -1]  # [b, L - start, D]
+        h = final_hidden(self.lm, input_ids, attention_mask, position_ids, routed_experts)[:, start - 1: -1]
         logp, entropy = fused_logprob(h.flatten(0, 1), self.lm.get_output_embeddings().weight, targets.flatten(),
                                       temperature)
         return logp.view_as(targets), entropy.detach().view_as(targets)
@@ -66,7 +69,8 @@ class TokenLogprobs(nn.Module):
 
 def build_batch(prompt_ids: list[list[int]], comps, pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompts + right-padded completions, so every completion starts at column Lp.
-    Returns input_ids/attention_mask/position_ids [B, Lp+Lc], completion_ids/completion_mask/behaviour_logprobs [B, Lc]."""
+    Returns input_ids/attention_mask/position_ids [B, Lp+Lc], completion_ids/completion_mask/behaviour_logprobs [B, Lc],
+    and routed_experts [B, Lp+Lc, M, K] (-1 on padding) when every completion carries its sampler's routing."""
     Lp = max(len(prompt_ids[c.prompt_index]) for c in comps)
     Lc = max(1, max(len(c.token_ids) for c in comps))
     B = len(comps)
@@ -80,16 +84,25 @@ def build_batch(prompt_ids: list[list[int]], comps, pad_id: int) -> dict[str, to
         attn[i, Lp - len(p): Lp + len(c.token_ids)] = 1
         if c.logprobs:
             behaviour[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
-    return {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
-            "completion_ids": ids[:, Lp:], "completion_mask": attn[:, Lp:].float(), "prompt_len": Lp,
-            "behaviour_logprobs": behaviour}
+    batch = {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+             "completion_ids": ids[:, Lp:], "completion_mask": attn[:, Lp:].float(), "prompt_len": Lp,
+             "behaviour_logprobs": behaviour}
+    if comps and all(c.routed_experts is not None for c in comps):
+        routes = torch.full((B, Lp + Lc, *comps[0].routed_experts.shape[1:]), -1, dtype=torch.int16)
+        for i, c in enumerate(comps):  # prompt + completion tokens, placed as the ids are
+            n = len(prompt_ids[c.prompt_index])
+            routes[i, Lp - n: Lp - n + len(c.routed_experts)] = c.routed_experts
+        batch["routed_experts"] = routes
+    return batch
 
 
-def policy_logprobs(scorer, batch: dict, rows: slice, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_logprobs(scorer, batch: dict, rows: slice, temperature: float,
+                    replay: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies [b, Lc] of the completion tokens of batch[rows]; scorer: a TokenLogprobs
-    around the model (or DDP around one)."""
+    around the model (or DDP around one). replay: route as the sampler did (batch["routed_experts"])."""
+    routes = batch["routed_experts"][rows] if replay else None
     return scorer(batch["input_ids"][rows], batch["attention_mask"][rows], batch["position_ids"][rows],
-                  batch["completion_ids"][rows], batch["prompt_len"], temperature)
+                  batch["completion_ids"][rows], batch["prompt_len"], temperature, routed_experts=routes)
 
 
 def micro_slices(B: int, size: int) -> list[slice]:

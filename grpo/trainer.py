@@ -50,7 +50,7 @@ def backward_batch(scorer, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: 
         # under DDP, all-reduce gradients once, on the last micro-batch
         sync = contextlib.nullcontext() if m.stop == B or not hasattr(scorer, "no_sync") else scorer.no_sync()
         with sync:
-            lp, ent = policy_logprobs(scorer, batch, m, cfg.sampling.temperature)
+            lp, ent = policy_logprobs(scorer, batch, m, cfg.sampling.temperature, replay=cfg.routing_replay)
             old = old_lp[m] if old_lp is not None else lp.detach()
             tis = None if cfg.tis is None else algo.truncated_is_weights(
                 old, batch["behaviour_logprobs"][m], mask[m], level=cfg.tis.level, mode=cfg.tis.mode, cap=cfg.tis.cap)
@@ -96,7 +96,10 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
     if cfg.prompts_per_step % world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide evenly over {world} processes")
     main = rank == 0
-    worker = make_worker(cfg.rollout, policy, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
+    if cfg.routing_replay and not hasattr(policy, "routed_layers"):
+        raise ValueError(f"routing_replay: {model_path} is not r1kit's DeepSeek MoE model (no routed experts)")
+    worker = make_worker(cfg.rollout, policy, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                         seed=cfg.seed, record_routing=cfg.routing_replay)
     if start > 0:
         worker.update_weights(policy)  # the module: parameters plus persistent buffers (MoE router bias)
     prompts = [render(cfg.template, r["prompt"], tok, **{k: v for k, v in r.items() if k != "prompt"}) for r in rows]
@@ -158,7 +161,8 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             with torch.no_grad():
                 ref_lp = torch.cat([policy_logprobs(ref, batch, m, sp.temperature)[0] for m in micro]) if ref is not None else None
                 t_old = time.perf_counter()
-                old_lp = torch.cat([policy_logprobs(local, batch, m, sp.temperature)[0] for m in micro]) if cfg.num_iterations > 1 else None
+                old_lp = torch.cat([policy_logprobs(local, batch, m, sp.temperature, replay=cfg.routing_replay)[0]
+                                    for m in micro]) if cfg.num_iterations > 1 else None
             t_update = time.perf_counter()
             timers.update({"time/ref": t_old - t_ref, "time/old": t_update - t_old})
             agg: dict[str, float] = {"nonfinite/skipped": 0.0}
@@ -173,9 +177,10 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if hasattr(policy, "update_expert_bias"):  # DeepSeek-V3 aux-loss-free balancing
-                    for k, v in policy.update_expert_bias().items():
-                        agg[f"moe/{k}"] = v
+                    agg.update(policy.update_expert_bias())  # moe/load_max_over_mean[/layer]
             sched.step()
+            if hasattr(policy, "routing_stats"):  # router entropy; replay: share of tokens routed differently
+                agg.update(policy.routing_stats())
             nonfinite = nonfinite + 1 if agg["nonfinite/skipped"] else 0
             if nonfinite >= cfg.max_nonfinite_steps:
                 raise FloatingPointError(f"grpo step {step + 1}: the gradient was not finite in {nonfinite} steps in "

@@ -1,6 +1,7 @@
 """End-to-end GRPO smoke runs on a tiny model: finite loss, weights move, checkpoints reload and resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -169,8 +170,11 @@ def test_deepseek_moe_model_through_sft_and_grpo(tmp_path):
                                     "data": {"num_examples": 200}, "steps": 3, "batch_size": 8, "learning_rate": 1e-3})
     base = sft.train(pre, None, tmp_path / "pre")
     assert json.loads((base / "config.json").read_text())["model_type"] == "deepseek_v3"
-    final = trainer.train(_cfg(steps=2), str(base), tmp_path / "grpo")
+    final = trainer.train(_cfg(steps=2, routing_replay=True), str(base), tmp_path / "grpo")
     rows = [json.loads(l) for l in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows) and any(k.startswith("moe/") for k in rows[-1])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    # expert load, router entropy (at most log E nats) and, with replay, the share of tokens routed differently
+    assert all(r["moe/load_max_over_mean"] >= 1.0 and 0 < r["moe/router_entropy"] <= math.log(16) + 1e-6
+               and 0 <= r["moe/replay_mismatch_frac"] <= 0.01 for r in rows)
     hf_model = AutoModelForCausalLM.from_pretrained(final)
     assert type(hf_model).__name__ == "DeepseekV3ForCausalLM"

@@ -326,10 +326,25 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg:
         keep = keep[:, :, None].expand(N, G, E // G).reshape(N, E)
         choice = choice.masked_fill(~keep, float("-inf"))
     topk_ids = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+    return topk_ids, expert_weights(scores, topk_ids, cfg), scores
+
+
+def expert_weights(scores: torch.Tensor, topk_ids: torch.Tensor, cfg: DeepseekConfig) -> torch.Tensor:
+    """scores [N,E], chosen experts [N,K] -> mixing weights [N,K]: the unbiased scores of the chosen experts,
+    normalised (+1e-20) and scaled; differentiable in the router weights of exactly those experts."""
     topk_weights = scores.gather(1, topk_ids)
     if cfg.norm_topk_prob:
         topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return topk_ids, topk_weights * cfg.routed_scaling_factor, scores
+    return topk_weights * cfg.routed_scaling_factor
+
+
+def replay_routing(own_ids: torch.Tensor, replay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing replay (R3): own_ids, replay [N,K] (replay rows with a negative id: not recorded, route freely) ->
+    (ids to use [N,K], recorded [N] bool, differs [N] bool: the token's own expert set is not the recorded one)."""
+    recorded = (replay >= 0).all(-1)  # [N]
+    ids = torch.where(recorded[:, None], replay.to(own_ids.dtype), own_ids)
+    differs = recorded & (own_ids.sort(-1).values != ids.sort(-1).values).any(-1)
+    return ids, recorded, differs
 
 
 class Gate(nn.Module):
@@ -374,21 +389,36 @@ class MoE(nn.Module):
         self.experts = Experts(cfg)
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)  # tokens since update
+        # routing statistics since the last routing_stats(): [replayed tokens, of them routed differently by the
+        # model itself, tokens, summed router entropy] (training forwards only)
+        self.register_buffer("routing", torch.zeros(4, dtype=torch.float64), persistent=False)
         self.last_topk_ids = None
         self.aux_loss = None
 
     def _apply(self, fn, recurse=True):
-        load = self.load  # token counts stay fp32 (exact) in a bf16 model
+        load, routing = self.load, self.routing  # token counts stay fp32/fp64 (exact) in a bf16 model
         super()._apply(fn, recurse)
-        self.load = load.to(self.gate.weight.device)
+        self.load, self.routing = load.to(self.gate.weight.device), routing.to(self.gate.weight.device)
         return self
 
-    def forward(self, x):
-        """x [B,S,D] -> [B,S,D]."""
+    def forward(self, x, replay: torch.Tensor | None = None):
+        """x [B,S,D] -> [B,S,D]. replay [B*S,K]: experts recorded by the sampler for each token (negative: none),
+        used instead of the router's own choice; the mixing weights stay differentiable (expert_weights)."""
         cfg = self.cfg
         B, S, D = x.shape
         flat = x.reshape(-1, D)
         topk_ids, topk_weights, scores = route(flat, self.gate.weight, self.gate.e_score_correction_bias, cfg)
+        if self.training:
+            with torch.no_grad():
+                p = scores / scores.sum(-1, keepdim=True)  # [N,E] the router's distribution over experts
+                self.routing[2] += flat.shape[0]
+                self.routing[3] += -(p * p.clamp_min(1e-30).log()).sum().double()
+        if replay is not None:
+            topk_ids, recorded, differs = replay_routing(topk_ids, replay)
+            topk_weights = expert_weights(scores, topk_ids, cfg)
+            if self.training:
+                self.routing[0] += recorded.sum()
+                self.routing[1] += differs.sum()
         self.last_topk_ids = topk_ids.detach()
         self.aux_loss = None
         if self.training and cfg.aux_loss_alpha > 0:
@@ -414,9 +444,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, replay=None):
+        """replay [B*S,K]: the sampler's experts for an MoE layer (routing replay), else None."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, replay) if replay is not None else self.mlp(h))
 
 
 class SharedHead(nn.Module):
@@ -567,12 +599,12 @@ class DeepseekForCausalLM(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq  # [B,S,r/2]
         return (freqs.cos() * self.rope_scale).to(dtype), (freqs.sin() * self.rope_scale).to(dtype)
 
-    def run_layer(self, layer, x, cos, sin, mask, cache):
+    def run_layer(self, layer, x, cos, sin, mask, cache, replay=None):
         """One decoder layer, checkpointed while training if asked; records expert load."""
         if self.gradient_checkpointing and self.training and cache is None:
-            x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+            x = checkpoint(layer, x, cos, sin, mask, None, replay, use_reentrant=False)
         else:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache, replay)
         self.count_load(layer)
         return x
 
@@ -582,21 +614,24 @@ class DeepseekForCausalLM(nn.Module):
             layer.mlp.load += torch.bincount(layer.mlp.last_topk_ids.flatten(),
                                              minlength=self.config.n_routed_experts).float()
 
-    def hidden(self, input_ids, attention_mask, position_ids, cache=None) -> torch.Tensor:
+    def hidden(self, input_ids, attention_mask, position_ids, cache=None, routed_experts=None) -> torch.Tensor:
         """input_ids, position_ids [B,S]; attention_mask [B,past+S] or None -> final normed hidden states [B,S,D]:
-        what the LM head reads (forward, and fused log-probs that never form the logits)."""
+        what the LM head reads (forward, and fused log-probs that never form the logits).
+        routed_experts [B,S,M,K] (M = MoE layers, negative = not recorded): routing replay, see MoE.forward."""
         B, S = input_ids.shape
+        replays = iter(routed_experts.flatten(0, 1).unbind(1)) if routed_experts is not None else None  # M x [B*S,K]
         x = self.model.embed_tokens(input_ids)  # [B,S,D]
         cos, sin = self.rope(position_ids, x.dtype)
         past = cache.get_seq_length() if cache is not None else 0
         docs = packed_documents(position_ids) if attention_mask is None and cache is None else None  # as HF
         mask = attention_mask_3d(attention_mask, B, S, past, x.device, docs)  # [B,S,T]
         for layer in self.model.layers:
-            x = self.run_layer(layer, x, cos, sin, mask, cache)
+            replay = next(replays) if replays is not None and isinstance(layer.mlp, MoE) else None
+            x = self.run_layer(layer, x, cos, sin, mask, cache, replay)
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                labels=None, logits_to_keep=0, return_logits=True, **_) -> CausalLMOutput:
+                labels=None, logits_to_keep=0, return_logits=True, routed_experts=None, **_) -> CausalLMOutput:
         """input_ids [B,S]; attention_mask [B,past+S] (1 = real token, left padding ok); position_ids [B,S];
         labels [B,S] (shifted inside, -100 ignored) -> logits [B,S or logits_to_keep,V], loss, cache.
         return_logits=False leaves logits None: a training step that only needs the loss never forms [B,S,V]."""
@@ -606,7 +641,7 @@ class DeepseekForCausalLM(nn.Module):
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (past + torch.arange(S, device=input_ids.device))[None].expand(B, S)
-        h = self.hidden(input_ids, attention_mask, position_ids, cache)  # [B,S,D]
+        h = self.hidden(input_ids, attention_mask, position_ids, cache, routed_experts)  # [B,S,D]
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(h[:, keep]) if return_logits else None
         out = CausalLMOutput(logits=logits, past_key_values=cache if use_cache else None)
@@ -643,6 +678,24 @@ class DeepseekForCausalLM(nn.Module):
     # ------------------------------------------------------------------------------------- balancing
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def routed_layers(self) -> list[MoE]:
+        """The decoder's MoE layers in order (MTP blocks excluded): what routing replay records and replays."""
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def routing_stats(self) -> dict[str, float]:
+        """Router entropy (nats, mean over tokens and MoE layers) and, under routing replay, the fraction of
+        replayed tokens the trainer would have routed to another expert set; counters reset."""
+        layers = self.routed_layers()
+        total = sum(m.routing for m in layers) if layers else torch.zeros(4, dtype=torch.float64)
+        for m in layers:
+            m.routing.zero_()
+        stats = {}
+        if total[2] > 0:
+            stats["moe/router_entropy"] = float(total[3] / total[2])
+        if total[0] > 0:
+            stats["moe/replay_mismatch_frac"] = float(total[1] / total[0])
+        return stats
 
     def expert_load_stats(self) -> dict[str, float]:
         """Load imbalance max/mean of routed-token counts since the last bias update, per MoE layer and overall."""

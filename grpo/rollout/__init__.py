@@ -9,10 +9,12 @@ def make_worker(kind: str, model, tokenizer, model_path: str, **kwargs) -> Rollo
     if kind == "native":
         from grpo.rollout.native import NativeWorker
 
-        return NativeWorker(model, tokenizer)
+        return NativeWorker(model, tokenizer, record_routing=kwargs.get("record_routing", False))
     if kind == "vllm":
         from grpo.rollout.vllm import VLLMWorker
 
+        if kwargs.pop("record_routing", False):
+            raise ValueError("routing_replay needs rollout: native (the vLLM worker does not return routed experts)")
         kwargs.setdefault("max_model_len", min(2048, getattr(model.config, "max_position_embeddings", 2048)))
         return VLLMWorker(model_path, **kwargs)
     raise ValueError(f"unknown rollout {kind!r} (native or vllm)")

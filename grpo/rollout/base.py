@@ -31,6 +31,9 @@ class Completion:
     text: str
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (hit max_tokens)
+    # routing replay (MoE): the experts each token of prompt + completion was routed to while sampling,
+    # [len(prompt) + len(token_ids), MoE layers, K] int16, -1 where not recorded (the last sampled token, unless decoding fed it on)
+    routed_experts: torch.Tensor | None = None
 
 
 class RolloutWorker(Protocol):

@@ -160,8 +160,13 @@ class NativeWorker:
     """RolloutWorker over a live transformers-style causal LM; `update_weights` is a no-op because the
     sampler and the trainer share the same parameters."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 256, truncate: str = "error"):
+    def __init__(self, model, tokenizer, max_batch_size: int = 256, truncate: str = "error",
+                 record_routing: bool = False):
         self.model, self.tokenizer, self.max_batch_size, self.truncate = model, tokenizer, max_batch_size, truncate
+        # routing replay: keep the experts r1kit's MoE model routed every prompt and sampled token to
+        self.routed = getattr(model, "routed_layers", list)() if record_routing else None
+        if record_routing and not self.routed:
+            raise ValueError("routing replay needs r1kit's DeepSeek MoE model (a model with routed MoE layers)")
         self.eos_ids = set(_eos_ids(model, tokenizer))
         cfg = getattr(model, "config", None)
         self.max_model_len = getattr(cfg, "max_position_embeddings", None) or 10**9
@@ -244,6 +249,10 @@ class NativeWorker:
             cache = out.past_key_values
             if n > 1:
                 cache.batch_select_indices(rep)
+        if self.routed:  # prompt tokens' experts [P, L, M, K]; sampled tokens' experts [B, T, M, K] (-1: not fed)
+            K = self.routed[0].cfg.num_experts_per_tok
+            pre = self._routing().view(P, L, len(self.routed), K)
+            routes = torch.full((B, T, len(self.routed), K), -1, dtype=torch.int16, device=device)
         logits = out.logits[:, -1][rep]  # [B, V]
         attn, next_pos = attn[rep], pos[rep, -1:] + 1  # [B, L], [B, 1]
         if mask4d:  # [B, 1, 1, L+T], -inf on left padding, sliced each step: transformers passes a 4D mask
@@ -285,10 +294,21 @@ class NativeWorker:
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
                              use_cache=True)
             cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+            if self.routed:  # the forward just fed token `step` of each live row
+                routes[rows, step] = self._routing().view(len(rows), *routes.shape[2:])
         toks_l, lps_l, len_l = toks.tolist(), lps.tolist(), length.tolist()
-        return [Completion(prompt_index=r // n, token_ids=toks_l[r][:len_l[r]],
-                           text=_text(self.tokenizer, toks_l[r][:len_l[r]], stops), logprobs=lps_l[r][:len_l[r]],
-                           finish_reason=reason[r]) for r in range(B)]
+        comps = [Completion(prompt_index=r // n, token_ids=toks_l[r][:len_l[r]],
+                            text=_text(self.tokenizer, toks_l[r][:len_l[r]], stops), logprobs=lps_l[r][:len_l[r]],
+                            finish_reason=reason[r]) for r in range(B)]
+        if self.routed:
+            for r, c in enumerate(comps):
+                p = r // n
+                c.routed_experts = torch.cat([pre[p, L - len(prompts[p]):], routes[r, :len_l[r]]]).cpu()
+        return comps
+
+    def _routing(self) -> torch.Tensor:
+        """The experts the last forward routed each of its tokens to, [tokens, M, K] int16."""
+        return torch.stack([m.last_topk_ids for m in self.routed], 1).to(torch.int16)
 
 
 def _text(tokenizer, ids: list[int], stops: list[str]) -> str:
