@@ -66,7 +66,7 @@ def backward_batch(scorer, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: 
         # sampler/trainer mismatch: |log p_trainer - log p_sampler| per token (0 for the native engine)
         gap = algo.masked_mean((lp.detach() - batch["behaviour_logprobs"][m]).abs(), mask[m])
         for k, v in {**mets, "entropy": algo.masked_mean(ent, mask[m]), "rollout/logprob_abs_diff": gap}.items():
-            agg[k] = agg.get(k, 0.0) + float(v) * w
+            agg[k] = max(agg.get(k, 0.0), float(v)) if k.endswith("_max") else agg.get(k, 0.0) + float(v) * w
     return agg
 
 

@@ -99,7 +99,9 @@ def sync_tensors(policy) -> Iterator[tuple[str, torch.Tensor]]:
                              "adapter is merged before the push")
         return iter(named)
     if not hasattr(policy, "merge_adapter"):  # parameters + persistent buffers (e.g. MoE router bias)
-        return ((clean_name(n), t) for n, t in policy.state_dict(keep_vars=True).items())
+        # r1kit's DeepSeek MTP layers (`mtp.*`) are not part of vLLM's main model (a speculative-decoding drafter
+        # keeps the MTP weights it loaded: it only proposes tokens, the target model accepts or rejects them)
+        return ((clean_name(n), t) for n, t in policy.state_dict(keep_vars=True).items() if not n.startswith("mtp."))
     return _merged_peft(policy)
 
 
