@@ -25,7 +25,7 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
-    """Where prompts come from and which columns mean what. `source` is `synthetic:arith`,
+    """Where prompts come from and which columns mean what. `source` is `synthetic:arith`, `synthetic:arith_lang`,
     `reasoning_gym:<task>`, a .jsonl/.json/.parquet file, or `hf:<name or local path>` (datasets, offline)."""
 
     source: str = "synthetic:arith"
@@ -36,10 +36,33 @@ class DataConfig(Strict):
     answer_column: str = "answer"
     completion_column: str | None = None  # SFT target text (synthetic: "solution")
     columns: dict[str, str] = Field(default_factory=dict)  # extra columns to pass to rewards: {reward_kwarg: column}
-    # synthetic:arith only
+    # synthetic:arith and synthetic:arith_lang only
     min_ops: int = 2
     max_ops: int = 3
     tagged_fraction: float = Field(1.0, ge=0.0, le=1.0)  # share of worked solutions written in R1 tags
+    # synthetic:arith_lang only: target languages (one drawn per row) and the share of solutions that mix them
+    languages: list[Literal["en", "de", "fr"]] = Field(default_factory=lambda: ["en", "de"], min_length=1)
+    mixed_fraction: float = Field(0.0, ge=0.0, le=1.0)
+
+    @field_validator("languages")
+    @classmethod
+    def _languages(cls, v):
+        from pydantic_core import PydanticCustomError
+
+        if len(set(v)) < len(v):
+            raise PydanticCustomError("languages", "a language appears twice in {v}", {"v": v})
+        return v
+
+    @field_validator("mixed_fraction")
+    @classmethod
+    def _mixed(cls, v, info):
+        from pydantic_core import PydanticCustomError
+
+        langs, min_ops = info.data.get("languages"), info.data.get("min_ops")
+        if v > 0 and langs is not None and min_ops is not None and (len(langs) < 2 or min_ops < 2):
+            raise PydanticCustomError("mixed_fraction", "mixing needs two or more `languages` and min_ops >= 2; "
+                                      "languages are {langs}, min_ops is {m}", {"langs": langs, "m": min_ops})
+        return v
 
 
 class SamplingConfig(Strict):

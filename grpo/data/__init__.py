@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from grpo.config import DataConfig
-from grpo.data.synthetic import arithmetic_rows
+from grpo.data.synthetic import arithmetic_lang_rows, arithmetic_rows
 
 
 class DataError(ValueError):
@@ -23,8 +23,12 @@ def _read_source(cfg: DataConfig) -> tuple[list[dict], str]:
     if src == "synthetic:arith":
         n = cfg.num_examples or (10_000 if cfg.split == "train" else 256)
         return arithmetic_rows(cfg.split, n, cfg.seed, cfg.min_ops, cfg.max_ops, cfg.tagged_fraction), src
+    if src == "synthetic:arith_lang":
+        n = cfg.num_examples or (10_000 if cfg.split == "train" else 256)
+        return arithmetic_lang_rows(cfg.split, n, cfg.seed, cfg.min_ops, cfg.max_ops, cfg.tagged_fraction,
+                                    cfg.languages, cfg.mixed_fraction), src
     if src.startswith("synthetic:"):
-        raise DataError(f"data.source: unknown synthetic task {src!r} (have: synthetic:arith)")
+        raise DataError(f"data.source: unknown synthetic task {src!r} (have: synthetic:arith, synthetic:arith_lang)")
     if src.startswith("reasoning_gym:"):
         import reasoning_gym
 
@@ -64,7 +68,7 @@ def _read_source(cfg: DataConfig) -> tuple[list[dict], str]:
         import datasets
 
         return [dict(r) for r in datasets.Dataset.from_parquet(str(path))], src
-    raise DataError(f"data.source: cannot read {src!r} (use .jsonl, .json, .parquet, hf:NAME, synthetic:arith or reasoning_gym:TASK)")
+    raise DataError(f"data.source: cannot read {src!r} (use .jsonl, .json, .parquet, hf:NAME, synthetic:arith, synthetic:arith_lang or reasoning_gym:TASK)")
 
 
 def load_rows(cfg: DataConfig, require_answer: bool = True) -> list[dict]:
