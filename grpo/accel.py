@@ -2,12 +2,17 @@
 and its schedule, data parallelism through accelerate with metric averaging and replica checks, the progress bar,
 and metric logging (metrics.jsonl, truncated to the checkpoint on resume; tensorboard and wandb through Trackers). Stages import this module, never each other.
 
-Simplification: one device, the CPU or whatever accelerate places the wrapped module on; device placement and
-precision for GPUs are the next step of this module, so no stage carries its own copy.
+The `runtime` section of every stage config lands here too: the stage's device, the weights' dtype, bf16 autocast,
+a reference/teacher dtype, gradient checkpointing and a LoRA adapter through peft.
+
+Simplifications: scale-out is DDP (accelerate) for GRPO only, FSDP2/ZeRO are not wired yet; fp16 autocast is not
+offered (it needs loss scaling); with LoRA a checkpoint's merged weights come from a temporary merged copy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -18,13 +23,116 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from grpo.config import OptimFields
+from grpo.config import ConfigError, LoRAConfig, OptimFields, RuntimeConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# LoRA targets on r1kit's DeepSeek model: MLA projections, dense and shared-expert MLPs; routed experts are 3-D
+# parameters (peft target_parameters: one adapter per expert)
+DEEPSEEK_LORA_MODULES = ["q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
+                         "up_proj", "down_proj"]
+DEEPSEEK_LORA_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
 def seed_everything(seed: int) -> None:
     """Seed torch and Python's global RNGs (stages draw data order from their own seeded Random)."""
     torch.manual_seed(seed)
     random.seed(seed)
+
+
+# ---------------------------------------------------------------- device, precision, LoRA: the `runtime` section
+
+
+def stage_device(rt: RuntimeConfig) -> torch.device:
+    """The one device a stage puts its models and batches on: runtime.device, or for `auto` this rank's GPU
+    (LOCAL_RANK) when torch sees CUDA, else the CPU."""
+    if rt.device == "auto":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    dev = torch.device(rt.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device: {rt.device}, but torch sees no CUDA device here")
+    return dev
+
+
+def frozen_dtype(rt: RuntimeConfig) -> torch.dtype:
+    """dtype of a frozen reference or teacher: reference_dtype, or the trained weights' dtype for `same`."""
+    return DTYPES[rt.dtype if rt.reference_dtype == "same" else rt.reference_dtype]
+
+
+def load_frozen(path: str, rt: RuntimeConfig):
+    """(model, tokenizer) of a frozen model (teacher, or a sampler that does not train) on the stage's device."""
+    from grpo.models import hf
+
+    model, tok = hf.load(path, dtype=frozen_dtype(rt))
+    return model.to(stage_device(rt)).eval().requires_grad_(False), tok
+
+
+def load_trainable(path: str, rt: RuntimeConfig, adapter: Path | None = None):
+    """(model, tokenizer) to train from an HF directory: prepare_trainable's device, dtype, checkpointing and
+    LoRA; `adapter` (a checkpoint's adapter/ dir) resumes a LoRA run with its trained adapter."""
+    from grpo.models import hf
+
+    model, tok = hf.load(path, dtype=DTYPES[rt.dtype])
+    return prepare_trainable(model, rt, adapter), tok
+
+
+def prepare_trainable(model, rt: RuntimeConfig, adapter: Path | None = None):
+    """Move a model that will train to the stage's device and dtype, turn on gradient checkpointing, and wrap it
+    in a peft LoRA adapter (a fresh one, or `adapter` loaded trainable) when runtime.lora is set."""
+    model = model.to(device=stage_device(rt), dtype=DTYPES[rt.dtype])
+    if rt.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False
+    if rt.lora is None:
+        return model
+    if adapter is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    return add_lora(model, rt.lora)
+
+
+def add_lora(model, lora: LoRAConfig):
+    """A peft LoRA adapter on `model` (only the adapter trains); see DEEPSEEK_LORA_* for r1kit's MoE model."""
+    from peft import LoraConfig, get_peft_model
+
+    from grpo.models import DeepseekForCausalLM
+
+    deepseek = isinstance(model, DeepseekForCausalLM)
+    modules = lora.target_modules or (DEEPSEEK_LORA_MODULES if deepseek else "all-linear")
+    params = DEEPSEEK_LORA_PARAMETERS if deepseek and lora.target_modules is None else None
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules,
+                     target_parameters=params)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:  # peft's message names the modules it could not find
+        raise ConfigError(f"runtime.lora.target_modules: {e}") from None
+
+
+def frozen_copy(model, rt: RuntimeConfig):
+    """A frozen copy of the starting policy for the KL reference, in reference_dtype; None under LoRA, where the
+    reference is the policy itself with its adapter disabled (adapter_disabled), so no second copy exists."""
+    if rt.lora is not None:
+        return None
+    return copy.deepcopy(model).to(frozen_dtype(rt)).eval().requires_grad_(False)
+
+
+def adapter_disabled(model):
+    """Context in which a peft model computes with its base weights alone (the LoRA reference)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def autocast(rt: RuntimeConfig):
+    """bf16 autocast over a forward pass when runtime.mixed_precision is bf16 (weights stay in their dtype)."""
+    if rt.mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(stage_device(rt).type, dtype=torch.bfloat16)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device` (ints and other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def make_optimizer(model, cfg: OptimFields, total_steps: int):

@@ -1,4 +1,5 @@
-"""Atomic checkpoints: an HF directory (config, safetensors, tokenizer) plus trainer_state/ for exact resume.
+"""Atomic checkpoints: an HF directory (config, safetensors, tokenizer) plus trainer_state/ for exact resume; a LoRA
+model's checkpoint holds its merged weights (what vLLM and the next stage load) and the adapter in adapter/.
 
 Everything is written into a temporary sibling directory and renamed into place, so a crash or kill leaves
 either the previous checkpoint or the new one, never half of one.
@@ -6,6 +7,7 @@ either the previous checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import shutil
@@ -40,7 +42,13 @@ def save(final: Path, model, tokenizer, state: dict | None = None, optimizer=Non
     """HF checkpoint at `final`; with `state`, also trainer_state/ (optimizer, scheduler, RNG, step, cursor)."""
 
     def write(tmp: Path):
-        model.save_pretrained(tmp, safe_serialization=True)
+        if hasattr(model, "merge_and_unload"):  # peft LoRA: adapter/ (peft loads it) + the merged full model
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            merged = copy.deepcopy(model).merge_and_unload()  # the trained model keeps its adapter unmerged
+            merged.save_pretrained(tmp, safe_serialization=True)
+            del merged
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if state is not None:
             ts = tmp / "trainer_state"

@@ -8,6 +8,7 @@ from, and the closest valid key.
 from __future__ import annotations
 
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
@@ -81,8 +82,42 @@ class RewardConfig(Strict):
     on_error: Literal["raise", "none"] = "raise"  # "none": a reward that raises scores its batch None, counted in errors
 
 
+class LoRAConfig(Strict):
+    """A LoRA adapter through peft on the trained model: only the adapter trains, the reference is the model with
+    the adapter disabled (no second copy), and checkpoints hold the merged weights plus adapter/."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # None: every linear layer of a transformers model ("all-linear"); on r1kit's DeepSeek model, the attention
+    # projections, the dense and shared-expert MLPs, and the routed experts (peft target_parameters)
+    target_modules: list[str] | None = None
+
+
+class RuntimeConfig(Strict):
+    """Where and in what precision a stage runs: one section shared by every stage (grpo/accel.py reads it)."""
+
+    device: str = "auto"  # auto: this rank's CUDA device when there is one, else cpu; or cpu, cuda, cuda:N
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the trained (or sampled) model's weights
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast of the forward passes over `dtype` weights
+    reference_dtype: Literal["same", "float32", "bfloat16", "float16"] = "same"  # the frozen reference / teacher
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
+    lora: LoRAConfig | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        from pydantic_core import PydanticCustomError
+
+        if v != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", v):
+            raise PydanticCustomError("device", "'{v}' is not a device (auto, cpu, cuda, cuda:N)", {"v": v})
+        return v
+
+
 class OptimFields(Strict):
-    """Optimizer fields shared by the training stages (flat, as in TRL's configs)."""
+    """Optimizer fields shared by the training stages (flat, as in TRL's configs), and the runtime section."""
+
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     learning_rate: float = Field(1e-5, gt=0.0)
     weight_decay: float = 0.0
@@ -191,6 +226,8 @@ class GRPOConfig(OptimFields):
     def _check(self):
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon_low
+        if self.runtime.lora is not None and self.ref_reset_every:
+            raise ValueError("ref_reset_every with runtime.lora: the reference is the adapter-free base model")
         if self.routing_replay and self.rollout != "native":
             raise ValueError("routing_replay needs rollout: native (the vLLM worker does not return routed experts)")
         return self
@@ -202,6 +239,7 @@ class EvalConfig(Strict):
     majority vote over their extracted answers. On `data`, or on each of `benchmarks` (docs/evaluation.md)."""
 
     kind: Literal["eval"] = "eval"
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)  # device and dtype (lora: training stages only)
     model: str | None = None
     data: DataConfig = Field(default_factory=lambda: DataConfig(split="test", num_examples=256))
     benchmarks: dict[str, DataConfig] = Field(default_factory=dict)  # {name: data}; empty: `data` alone (flat result)
@@ -228,6 +266,8 @@ class EvalConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.runtime.lora is not None:
+            raise ValueError("runtime.lora: only the training stages (sft, grpo, distill) take an adapter")
         from pydantic_core import PydanticCustomError
 
         if self.pass_at is None:
@@ -256,6 +296,7 @@ class RejectConfig(Strict):
     decontamination against eval sets -> out_dir/data/ (JSONL + Parquet) and stats.json, written in resumable shards."""
 
     kind: Literal["reject"] = "reject"
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)  # device and dtype (lora: training stages only)
     model: str | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     template: str = "r1_zero"
@@ -278,6 +319,8 @@ class RejectConfig(Strict):
 
     @model_validator(mode="after")
     def _check_keep(self):
+        if self.runtime.lora is not None:
+            raise ValueError("runtime.lora: only the training stages (sft, grpo, distill) take an adapter")
         labels = [r.label or r.name.rpartition(":")[2] for r in self.rewards]
         for label in self.keep or {}:
             if label not in labels:

@@ -31,11 +31,12 @@ import torch
 from rich.console import Console
 
 from grpo import algo, checkpoint
-from grpo.accel import make_optimizer, open_metrics, optimizer_step, progress, seed_everything
+from grpo.accel import (autocast, load_frozen, load_trainable, make_optimizer, open_metrics, optimizer_step,
+                        prepare_trainable, progress, seed_everything, stage_device, to_device)
 from grpo.config import ConfigError, DistillConfig, SFTConfig, stage_runner
 from grpo.data import load_rows
 from grpo.kernels.logprob import fused_logprob
-from grpo.logprobs import TokenLogprobs, build_batch, final_hidden, fusable, policy_logprobs
+from grpo.logprobs import TokenLogprobs, build_batch, final_hidden, fusable, policy_logprobs, unwrap
 from grpo.models import hf
 from grpo.rollout import SamplingParams, make_worker
 from grpo.templates import render
@@ -115,15 +116,15 @@ def load_pair(cfg: DistillConfig, model_path: str | None, console: Console):
         s_tok = hf.load_tokenizer(model_path)
         rows = [json.loads((Path(p) / "config.json").read_text()).get("vocab_size") for p in (cfg.teacher, model_path)]
         check_vocab(t_tok, s_tok, rows[0], rows[1], cfg.teacher, model_path)
-    teacher, tok = hf.load(cfg.teacher)
-    teacher.eval().requires_grad_(False)
+    teacher, tok = load_frozen(cfg.teacher, cfg.runtime)  # reference_dtype: the teacher may be bf16
     if cfg.init is not None:
         rows = teacher.get_output_embeddings().weight.shape[0]
         student = hf.build_from_config(cfg.init, rows, tok.pad_token_id, tok.eos_token_id, cfg.seed)
         console.print(f"\\[distill] built {cfg.init.get('model_type') or cfg.init.get('preset')} student: "
                       f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params, vocab {rows}")
+        student = prepare_trainable(student, cfg.runtime)
     else:
-        student, tok = hf.load(model_path)
+        student, tok = load_trainable(model_path, cfg.runtime)
     return student, teacher, tok
 
 
@@ -165,6 +166,8 @@ def kd_step(student, teacher, seqs: list[tuple[list[int], int]], pad_id: int, di
         label[b, start: len(s)] = True
     attn = (torch.arange(L)[None] < torch.tensor([len(s) for s, _ in seqs])[:, None]).long()
     pos = torch.arange(L)[None].expand_as(ids)
+    dev = student.get_output_embeddings().weight.device  # the stage's device (grpo.accel.stage_device)
+    ids, attn, pos, label = ids.to(dev), attn.to(dev), pos.to(dev), label.to(dev)
     sel = label[:, 1:]  # [B, L-1] over positions 0..L-2
     with torch.no_grad():
         h_t = final_hidden(teacher, ids, attn, pos)[:, :-1][sel]  # [N, Ht]
@@ -213,7 +216,8 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
         shared = {k: getattr(cfg, k) for k in SFTConfig.model_fields if k in DistillConfig.model_fields and k != "kind"}
         return stage_runner("sft")(SFTConfig(**shared), model_path, out_dir, console)
     seed_everything(cfg.seed)
-    student, teacher, tok = load_pair(cfg, model_path, console)
+    trained, teacher, tok = load_pair(cfg, model_path, console)
+    student = unwrap(trained)  # what computes (a LoRA adapter runs inside it); `trained` is what steps and saves
     kd = cfg.mode == "kd"
     if kd or cfg.on_policy_loss == "jsd":
         _need_fused(student, "student", f"mode {cfg.mode} with a vocabulary-wide loss")
@@ -227,7 +231,7 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
         prompts = [render(cfg.template, r["prompt"], tok, **{k: v for k, v in r.items() if k != "prompt"}) for r in rows]
         prompt_ids = tok(prompts, add_special_tokens=False).input_ids
         worker = make_worker("native", student, tok, model_path)
-    opt, sched = make_optimizer(student, cfg, cfg.steps)
+    opt, sched = make_optimizer(trained, cfg, cfg.steps)
     rng = random.Random(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     student.train()
@@ -236,8 +240,9 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
         for step in range(cfg.steps):
             t0 = time.perf_counter()
             if kd:
-                loss, n = kd_step(student, teacher, [seqs[rng.randrange(len(seqs))] for _ in range(cfg.batch_size)],
-                                  tok.pad_token_id, div, cfg.chunk_size)
+                with autocast(cfg.runtime):
+                    batch_seqs = [seqs[rng.randrange(len(seqs))] for _ in range(cfg.batch_size)]
+                    loss, n = kd_step(student, teacher, batch_seqs, tok.pad_token_id, div, cfg.chunk_size)
                 extra = {"tokens": n}
             else:
                 idx = [rng.randrange(len(rows)) for _ in range(cfg.prompts_per_step)]
@@ -247,18 +252,20 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
                     temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, max_tokens=sp.max_tokens,
                     stop=list(sp.stop), seed=cfg.seed * 1_000_003 + step))
                 student.train()
-                batch = build_batch([prompt_ids[i] for i in idx], comps, tok.pad_token_id)
-                loss, extra = on_policy_step(student, teacher, batch, cfg)
+                batch = to_device(build_batch([prompt_ids[i] for i in idx], comps, tok.pad_token_id),
+                                  stage_device(cfg.runtime))
+                with autocast(cfg.runtime):
+                    loss, extra = on_policy_step(student, teacher, batch, cfg)
                 extra.update({"tokens": int(batch["completion_mask"].sum()),
                               "completions/mean_length": sum(len(c.token_ids) for c in comps) / len(comps)})
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"distill step {step + 1}: loss is {loss.item()}")
             loss.backward()
-            grad_norm = optimizer_step(student, opt, sched, cfg.max_grad_norm)
+            grad_norm = optimizer_step(trained, opt, sched, cfg.max_grad_norm)
             m = {"step": step + 1, "loss": loss.item(), **extra, "grad_norm": grad_norm.item(),
                  "learning_rate": sched.get_last_lr()[0], "step_time": time.perf_counter() - t0}
             log.write(json.dumps(m) + "\n")
             log.flush()
             info = f"loss {m['loss']:.4f}" + (f" reverse_kl {m['reverse_kl']:.4f}" if "reverse_kl" in m else "")
             bar.update(task, advance=1, info=info)
-    return checkpoint.save(out_dir / "final", student, tok)
+    return checkpoint.save(out_dir / "final", trained, tok)

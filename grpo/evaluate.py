@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 
 import rewards as reward_lib
+from grpo.accel import load_frozen
 from grpo.checkpoint import atomic_dir
 from grpo.config import DataConfig, EvalConfig
 from grpo.data import load_rows
@@ -106,7 +107,7 @@ def _worker(cfg: EvalConfig, model_path: str, tok, longest: int):
     """The sampler: native on the loaded model, or a vLLM engine on the checkpoint itself with a context window
     of the longest prompt plus max_tokens (at most the checkpoint's own)."""
     if cfg.rollout == "native":
-        model, _ = hf.load(model_path)
+        model, _ = load_frozen(model_path, cfg.runtime)  # runtime: device and dtype
         return make_worker("native", model, tok, model_path)
     from transformers import AutoConfig
 

@@ -17,6 +17,11 @@ HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "
                    "output_multiplier")
 
 
+def unwrap(lm: nn.Module) -> nn.Module:
+    """The model a peft wrapper holds: its LoRA layers are injected in place, so calling it runs the adapter."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
 def fusable(lm: nn.Module) -> bool:
     """True when the logits are exactly final_hidden(lm) @ head.weight.T: a plain bias-free nn.Linear head and no
     head transform in the config; other models keep the logits path (fused_logprob would give other numbers)."""
@@ -44,8 +49,8 @@ class TokenLogprobs(nn.Module):
 
     def __init__(self, lm: nn.Module):
         super().__init__()
-        self.lm = lm
-        self.fused = fusable(lm)
+        self.lm = unwrap(lm)
+        self.fused = fusable(self.lm)
 
     def forward(self, input_ids, attention_mask, position_ids, targets, start: int, temperature: float,
                 routed_experts=None):

@@ -24,11 +24,10 @@ import numpy as np
 from rich.console import Console
 
 import rewards as reward_lib
-from grpo.accel import progress, seed_everything
+from grpo.accel import load_frozen, progress, seed_everything
 from grpo.checkpoint import atomic_dir
 from grpo.config import ConfigError, RejectConfig
 from grpo.data import DataError, load_rows
-from grpo.models import hf
 from grpo.rollout import SamplingParams, make_worker
 from grpo.templates import render
 from rewards._text import completion_text, prompt_text
@@ -306,8 +305,7 @@ def run(cfg: RejectConfig, model_path: str, out_dir: Path, console: Console | No
     if missing:
         if len(missing) < n_shards:
             console.print(f"\\[reject] resuming: {n_shards - len(missing)} of {n_shards} shards done")
-        model, tok = hf.load(model_path)
-        model.eval()
+        model, tok = load_frozen(model_path, cfg.runtime)  # runtime: device and dtype
         worker = make_worker(cfg.rollout, model, tok, model_path,
                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
         with progress(console) as bar:

@@ -27,12 +27,13 @@ import torch
 from rich.console import Console
 
 from grpo import checkpoint
-from grpo.accel import make_optimizer, open_metrics, optimizer_step, progress, seed_everything
+from grpo.accel import (autocast, load_trainable, make_optimizer, open_metrics, optimizer_step, prepare_trainable,
+                        progress, seed_everything, stage_device, to_device)
 from grpo.config import ConfigError, SFTConfig, TokenizerConfig
 from grpo.data import DataError, load_rows
 from grpo.data.tokenizer import train_bpe
 from grpo.kernels.logprob import fused_logprob
-from grpo.logprobs import final_hidden, fusable
+from grpo.logprobs import final_hidden, fusable, unwrap
 from grpo.models import DeepseekForCausalLM, hf
 from grpo.models.deepseek import causal_lm_loss
 from grpo.templates import render
@@ -169,6 +170,7 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled tokens. From the final hidden states through fused_logprob
     (no [B, L, V] logits) where the head allows; r1kit's DeepSeek model computes it itself (fused inside, plus the
     lambda-weighted MTP loss and any balance loss), and other heads keep the model's own `labels` loss."""
+    model = unwrap(model)  # a peft model: the wrapped model, its LoRA layers inside
     ids, attn, pos = batch["input_ids"], batch.get("attention_mask"), _positions(batch)
     if isinstance(model, DeepseekForCausalLM):  # its loss never forms [B, L, V] logits unless asked for them
         return model(input_ids=ids, attention_mask=attn, position_ids=pos, labels=batch["labels"],
@@ -182,6 +184,7 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     """(summed next-token NLL, labelled-token count) of the main head only (no MTP or balance terms)."""
+    model = unwrap(model)
     ids, attn, pos = batch["input_ids"], batch.get("attention_mask"), _positions(batch)
     targets = batch["labels"][:, 1:].flatten()  # [B*(L-1)]
     if fusable(model):
@@ -199,7 +202,9 @@ def eval_loss(model, pairs, pad_id: int, cfg: SFTConfig) -> float:
     model.eval()
     total, count = 0.0, 0
     for s in range(0, len(pairs), cfg.batch_size):
-        t, n = nll_sum(model, make_batch(pairs[s: s + cfg.batch_size], pad_id, cfg))
+        batch = to_device(make_batch(pairs[s: s + cfg.batch_size], pad_id, cfg), stage_device(cfg.runtime))
+        with autocast(cfg.runtime):
+            t, n = nll_sum(model, batch)
         total, count = total + t, count + n
     model.train()
     return total / max(count, 1)
@@ -252,8 +257,13 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
     rows, eval_rows = split_eval(load_rows(data_cfg, require_answer=False), cfg)
     last = out_dir / "last"
     resuming = cfg.resume and (last / "trainer_state").is_dir()
-    if resuming:  # exact resume: weights and tokenizer from last/, optimizer, schedule and RNG from its trainer_state
-        model, tokenizer = hf.load(str(last))
+    rt = cfg.runtime
+    if resuming and rt.lora is not None and model_path is None:
+        raise ConfigError("sft: resuming a LoRA run needs `model`, the base the adapter was trained on")
+    if resuming and rt.lora is not None:  # the base again, with the trained adapter from last/adapter
+        model, tokenizer = load_trainable(model_path, rt, adapter=last / "adapter")
+    elif resuming:  # exact resume: weights and tokenizer from last/, optimizer, schedule and RNG from its trainer_state
+        model, tokenizer = load_trainable(str(last), rt)
     elif cfg.init is not None:
         if cfg.template == "chat":
             raise ConfigError("template: 'chat' needs a tokenizer with a chat_template; one trained for `init` has none")
@@ -264,10 +274,11 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
         tokenizer = train_bpe(texts, (cfg.train_tokenizer or TokenizerConfig()).vocab_size)
         model = hf.build_from_config(cfg.init, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.seed)
         console.print(f"\\[sft] built {cfg.init.get('model_type') or cfg.init.get('preset')} from config: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {len(tokenizer)}")
+        model = prepare_trainable(model, rt)
     else:
         if model_path is None:
             raise ConfigError("sft needs `model` (an HF directory) or `init` (a config to build from)")
-        model, tokenizer = hf.load(model_path)
+        model, tokenizer = load_trainable(model_path, rt)
     if cfg.template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"template: 'chat' needs a tokenizer with a chat_template; {model_path or 'the trained tokenizer'} has none")
     pairs = encode_rows(rows, tokenizer, cfg.template, cfg.max_length, data_cfg.source)
@@ -287,6 +298,7 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
         for _ in range(start * cfg.batch_size):
             draw.randrange(len(pairs))
     pad = tokenizer.pad_token_id
+    device = stage_device(rt)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.train()
     with open_metrics(out_dir / "metrics.jsonl", start) as log, progress(console) as bar:
@@ -296,7 +308,8 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
             idx = (batch_indices(step, len(pairs), cfg.batch_size, cfg.seed, limit) if cfg.epochs is not None
                    else [draw.randrange(len(pairs)) for _ in range(cfg.batch_size)])
             batch = make_batch([pairs[i] for i in idx], pad, cfg)
-            loss = lm_loss(model, batch)
+            with autocast(rt):
+                loss = lm_loss(model, to_device(batch, device))
             loss.backward()
             grad_norm = optimizer_step(model, opt, sched, cfg.max_grad_norm)
             if not math.isfinite(loss.item()):

@@ -18,7 +18,6 @@ per rank; r1kit's DeepSeek balance loss (aux_loss) is not added.
 from __future__ import annotations
 
 import contextlib
-import copy
 import random
 import time
 from collections import Counter
@@ -30,12 +29,12 @@ from rich.console import Console
 import rewards as reward_lib
 from rewards.runner import PerReward
 from grpo import algo, checkpoint, dynamic
-from grpo.accel import (Trackers, barrier, check_replicas, distributed, make_optimizer, progress, reduce_metrics,
-                        seed_everything)
+from grpo.accel import (Trackers, adapter_disabled, autocast, barrier, check_replicas, distributed, frozen_copy,
+                        load_trainable, make_optimizer, progress, reduce_metrics, seed_everything, stage_device,
+                        to_device)
 from grpo.config import GRPOConfig
 from grpo.data import load_rows
 from grpo.logprobs import TokenLogprobs, build_batch, micro_slices, policy_logprobs
-from grpo.models import hf
 from grpo.rollout import SamplingParams, make_worker
 from grpo.templates import render
 
@@ -49,7 +48,7 @@ def backward_batch(scorer, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: 
     for m in micro_slices(B, cfg.micro_batch_size):
         # under DDP, all-reduce gradients once, on the last micro-batch
         sync = contextlib.nullcontext() if m.stop == B or not hasattr(scorer, "no_sync") else scorer.no_sync()
-        with sync:
+        with sync, autocast(cfg.runtime):
             lp, ent = policy_logprobs(scorer, batch, m, cfg.sampling.temperature, replay=cfg.routing_replay)
             old = old_lp[m] if old_lp is not None else lp.detach()
             tis = None if cfg.tis is None else algo.truncated_is_weights(
@@ -77,13 +76,19 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
     seed_everything(cfg.seed)
     reward_set = reward_lib.RewardSet.from_specs([r.model_dump() for r in cfg.rewards])
     rows = load_rows(cfg.data)
-    model, tok = hf.load(model_path)
-    ref = TokenLogprobs(copy.deepcopy(model).eval().requires_grad_(False)) if cfg.beta > 0 else None  # the starting policy, frozen
+    rt = cfg.runtime
+    device = stage_device(rt)
+    model, tok = load_trainable(model_path, rt)
+    # the starting policy, frozen (reference_dtype); under LoRA none: the policy with its adapter disabled
+    frozen = frozen_copy(model, rt) if cfg.beta > 0 else None
+    ref = TokenLogprobs(frozen) if frozen is not None else None
     opt, sched = make_optimizer(model, cfg, cfg.steps)
     start, cursor = 0, 0
     last = out_dir / "last"
     if cfg.resume and (last / "trainer_state").is_dir():  # exact resume: weights, optimizer, RNG, step, data cursor
-        model, tok = hf.load(str(last))
+        # LoRA: the base again with the trained adapter; else the full weights of last/
+        model, tok = load_trainable(model_path, rt, adapter=last / "adapter") if rt.lora is not None \
+            else load_trainable(str(last), rt)
         opt, sched = make_optimizer(model, cfg, cfg.steps)
         state = checkpoint.load_state(last, opt, sched)
         start, cursor = state["step"], state["cursor"]
@@ -155,11 +160,15 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             if cfg.mask_truncated_completions:  # cut at max_tokens: no loss on them (their rewards still count)
                 cut = torch.tensor([c.finish_reason == "length" for c in comps])
                 batch["completion_mask"][cut] = 0.0
+            batch, adv = to_device(batch, device), adv.to(device)
             B = len(comps)
             micro = micro_slices(B, cfg.micro_batch_size)
             t_ref = time.perf_counter()
-            with torch.no_grad():
-                ref_lp = torch.cat([policy_logprobs(ref, batch, m, sp.temperature)[0] for m in micro]) if ref is not None else None
+            with torch.no_grad(), autocast(rt):
+                ref_lp = None
+                if cfg.beta > 0:  # the frozen copy, or (LoRA) the policy with its adapter disabled
+                    with adapter_disabled(policy) if ref is None else contextlib.nullcontext():
+                        ref_lp = torch.cat([policy_logprobs(ref if ref is not None else local, batch, m, sp.temperature)[0] for m in micro])
                 t_old = time.perf_counter()
                 old_lp = torch.cat([policy_logprobs(local, batch, m, sp.temperature, replay=cfg.routing_replay)[0]
                                     for m in micro]) if cfg.num_iterations > 1 else None

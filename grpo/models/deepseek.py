@@ -376,6 +376,11 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
+    def forward(self, x, topk_ids, topk_weights):
+        """x [N,D], experts [N,K] with weights [N,K] -> [N,D] (a module call, so peft's LoRA on these 3-D
+        parameters, target_parameters, applies)."""
+        return moe_ffn(x, topk_ids, topk_weights, self.gate_up_proj, self.down_proj)
+
 
 class MoE(nn.Module):
     """DeepSeekMoE: shared experts on every token plus K of E fine-grained routed experts.
@@ -428,7 +433,7 @@ class MoE(nn.Module):
             chosen = torch.zeros(B * S, E, device=x.device).scatter_(1, topk_ids, 1.0).view(B, S, E)
             f = chosen.sum(1) * E / (K * S)  # [B,E]
             self.aux_loss = cfg.aux_loss_alpha * (f * p).sum(-1).mean()
-        routed = moe_ffn(flat, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj)
+        routed = self.experts(flat, topk_ids, topk_weights)
         return routed.view(B, S, D) + self.shared_experts(x)
 
 

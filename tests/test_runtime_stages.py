@@ -1,0 +1,230 @@
+"""The `runtime` section every stage shares (grpo/accel.py): device placement, bf16 autocast, gradient
+checkpointing and LoRA through peft, each checked for real on CPU on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import tiny_checkpoint
+from tolerance import measured_floor, unit_roundoff
+from transformers import AutoModelForCausalLM
+
+from grpo import accel, distill, sft, trainer
+from grpo.config import ConfigError, DistillConfig, GRPOConfig, RuntimeConfig, SFTConfig
+from grpo.data.synthetic import arithmetic_rows
+from grpo.logprobs import TokenLogprobs
+from grpo.models import hf
+from grpo.sft import encode_rows, lm_loss, make_batch
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("base"), tie=False)
+
+
+def _grpo(**kw) -> GRPOConfig:
+    cfg = dict(data={"source": "synthetic:arith", "num_examples": 32}, group_size=4, prompts_per_step=2, steps=2,
+               sampling={"max_tokens": 10, "stop": ["</answer>"]}, learning_rate=1e-2, beta=0.1, micro_batch_size=8,
+               rewards=[{"name": "tests.helpers:length_reward"}])
+    cfg.update(kw)
+    return GRPOConfig.model_validate(cfg)
+
+
+def _batch(tok, n=4, seed=0):
+    rows = [{"prompt": r["prompt"], "completion": r["solution"]} for r in arithmetic_rows("train", n, seed=seed)]
+    cfg = SFTConfig(batch_size=n)
+    return make_batch(encode_rows(rows, tok, "r1_zero", 128, "test"), tok.pad_token_id, cfg)
+
+
+def _logp(model, batch) -> torch.Tensor:
+    """Per-token log-probs [B, L-1] of the batch's own next tokens (targets < 0 -> 0)."""
+    ids = batch["input_ids"]
+    targets = torch.where(batch["labels"][:, 1:] >= 0, ids[:, 1:], -1)
+    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+    return TokenLogprobs(model)(ids, batch["attention_mask"], pos, targets, 1, 1.0)[0]
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def test_lora_grpo_trains_one_copy_and_its_reference_is_the_base(base, tmp_path, monkeypatch):
+    """A LoRA GRPO run: while it trains, the process holds one Llama (the policy; its reference is the adapter
+    disabled), where a full run holds two; the reference log-probs are the base model's (KL is exactly 0 at
+    step 1, when the adapter is still zero); only the adapter moved; the checkpoint loads in peft and, merged, in
+    transformers with the same log-probs."""
+    import gc
+
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    counts = []
+
+    def reward(completions, **_):  # runs inside the loop: count the Llama models alive at that moment
+        gc.collect()
+        counts.append(sum(isinstance(o, LlamaForCausalLM) for o in gc.get_objects()))
+        return [-abs(20 - len(c)) / 20 for c in completions]
+
+    monkeypatch.setattr("tests.helpers.length_reward", reward)
+    trainer.train(_grpo(), str(base), tmp_path / "full")
+    full_counts, counts[:] = list(counts), []
+    lora = {"r": 4, "alpha": 8}
+    final = trainer.train(_grpo(runtime={"lora": lora}), str(base), tmp_path / "lora")
+    print(f"\nLlama models alive during GRPO: full {full_counts}, LoRA {counts}")
+    assert set(full_counts) == {2} and set(counts) == {1}
+    rows = [json.loads(l) for l in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # step 1: policy == base exactly; then the adapter moved
+
+    start = AutoModelForCausalLM.from_pretrained(base)
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    for (name, a), b in zip(start.named_parameters(), merged.parameters()):
+        linear = name.endswith("proj.weight")  # all-linear: attention and MLP projections; not embeddings/head
+        assert linear or torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), merged.parameters()))
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(final / "adapter"))
+    _, tok = hf.load(str(base))
+    batch = _batch(tok)
+    with torch.no_grad():
+        lp_adapter, lp_merged = _logp(adapted, batch), _logp(merged, batch)
+        with accel.adapter_disabled(adapted):
+            lp_ref = _logp(adapted, batch)
+        lp_base = _logp(start, batch)
+    assert torch.equal(lp_ref, lp_base)  # the LoRA reference is the base model, bit for bit
+    # merged W + s*B@A against the adapter's separate path: a few fp32 roundings per weight and dot product
+    assert (lp_adapter - lp_merged).abs().max() < 1e-4
+    assert (lp_adapter - lp_base).abs().max() > 1e-3
+
+
+def test_lora_on_the_deepseek_model_adapts_attention_and_experts(tmp_path):
+    """LoRA SFT on r1kit's MoE/MLA model: adapters on the MLA projections, the MLPs and every routed expert
+    (peft target_parameters); the merged checkpoint loads in transformers with changed expert weights."""
+    cfg = SFTConfig.model_validate({
+        "init": {"preset": "tiny", "num_hidden_layers": 2}, "train_tokenizer": {"vocab_size": 400},
+        "data": {"num_examples": 64}, "steps": 3, "batch_size": 8, "learning_rate": 1e-2,
+        "runtime": {"lora": {"r": 2, "alpha": 4}}})
+    pre = SFTConfig.model_validate({**cfg.model_dump(), "runtime": {}, "steps": 1})
+    base = sft.train(pre, None, tmp_path / "base")
+    final = sft.train(cfg.model_copy(update={"init": None, "train_tokenizer": None}), str(base), tmp_path / "lora")
+    adapter = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert "experts.gate_up_proj" in adapter["target_parameters"] and "kv_b_proj" in adapter["target_modules"]
+    before = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".mlp.experts." in k for k in changed) and any("kv_b_proj" in k for k in changed)
+    assert not any("embed_tokens" in k or "norm" in k for k in changed)
+
+
+# ---------------------------------------------------------------- gradient checkpointing, bf16
+
+
+def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    """fn() -> loss; also the bytes autograd saved for backward outside checkpointed regions."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn()
+    return loss, total[0]
+
+
+@pytest.mark.parametrize("kind", ["llama", "deepseek"])
+def test_gradient_checkpointing_same_loss_and_gradients_less_saved_memory(base, tmp_path, kind):
+    """Recomputation repeats the same operations in the same order, so loss and gradients are identical bit for
+    bit; the activations kept for backward shrink (printed)."""
+    if kind == "llama":
+        model, tok = hf.load(str(base))
+    else:
+        from grpo.models import PRESETS, DeepseekForCausalLM
+
+        _, tok = hf.load(str(base))
+        torch.manual_seed(0)
+        model = DeepseekForCausalLM(PRESETS["tiny"](vocab_size=len(tok), num_hidden_layers=3, aux_loss_alpha=0.0))
+    batch = _batch(tok, n=8)
+    results = {}
+    for ckpt in (False, True):
+        m = accel.prepare_trainable(__import__("copy").deepcopy(model), RuntimeConfig(gradient_checkpointing=ckpt))
+        m.train()
+        loss, saved = _saved_bytes(lambda: lm_loss(m, batch))
+        loss.backward()
+        results[ckpt] = (loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None], saved)
+    (l0, g0, s0), (l1, g1, s1) = results[False], results[True]
+    print(f"\n{kind}: activations saved for backward {s0 / 2**20:.2f} MiB -> {s1 / 2**20:.2f} MiB with "
+          f"gradient checkpointing ({s1 / s0:.0%})")
+    assert torch.equal(l0, l1) and len(g0) == len(g1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert s1 < 0.6 * s0
+
+
+def test_bf16_autocast_loss_matches_fp32_within_bf16_rounding(base):
+    """The SFT loss under runtime.mixed_precision: bf16 against fp32 on small shapes (CPUs without bf16 units
+    emulate it). Bound: the model's own fp32 rounding error, measured against float64, scaled from fp32's unit
+    roundoff to bf16's, times 2 x 4 (both sides, and the spread between summation orders, as parity_tol)."""
+    model, tok = hf.load(str(base))
+    batch = _batch(tok)
+    with torch.no_grad():
+        l32 = lm_loss(model, batch)
+        l64 = lm_loss(__import__("copy").deepcopy(model).double(), batch)
+        with accel.autocast(RuntimeConfig(mixed_precision="bf16")):
+            l16 = lm_loss(model, batch)
+    floor = max(measured_floor(l32, l64), unit_roundoff(torch.float32) * l64.abs().item())
+    tol = 2 * 4 * floor * unit_roundoff(torch.bfloat16) / unit_roundoff(torch.float32)
+    print(f"\nloss fp32 {l32.item():.6f}, bf16 autocast {l16.item():.6f}, |diff| {abs(l16 - l32).item():.2e}, "
+          f"bound {tol:.2e}")
+    assert abs(l16.item() - l32.item()) <= tol
+    assert l16.item() != l32.item()  # autocast did run the matmuls in bf16
+
+
+def test_bf16_reference_grpo_runs_and_its_kl_is_finite(base, tmp_path):
+    """GRPO with the frozen reference in bf16 while the policy trains in fp32 (reference_dtype)."""
+    trainer.train(_grpo(steps=1, runtime={"reference_dtype": "bfloat16"}), str(base), tmp_path / "run")
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    # step 1: policy fp32 vs its bf16-rounded copy: a KL of bf16 rounding size, not zero
+    assert math.isfinite(row["kl"]) and 0 < row["kl"] < 1e-2
+
+
+# ---------------------------------------------------------------- device
+
+
+def test_every_tensor_a_stage_hands_its_models_is_on_the_models_device(base, tmp_path):
+    """A global forward pre-hook records, for every module call during SFT, GRPO and distill steps, whether each
+    tensor argument sits on that module's own device."""
+    seen, bad = [0], []
+
+    def hook(module, args):  # global hooks see positional arguments; the stages pass ids etc. by keyword to
+        # the top model, whose submodules then get them positionally, so every layer's inputs are covered
+        own = next(module.parameters(recurse=False), None)
+        if own is None:
+            return
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                seen[0] += 1
+                if a.device != own.device:
+                    bad.append((type(module).__name__, a.device, own.device))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        sft.train(SFTConfig.model_validate({"data": {"num_examples": 16}, "steps": 1, "batch_size": 4}),
+                  str(base), tmp_path / "sft")
+        trainer.train(_grpo(steps=1), str(base), tmp_path / "grpo")
+        distill.train(DistillConfig.model_validate({"mode": "on_policy", "teacher": str(base), "steps": 1,
+                                                    "data": {"num_examples": 8}, "prompts_per_step": 2,
+                                                    "group_size": 2, "sampling": {"max_tokens": 8}}),
+                      str(base), tmp_path / "distill")
+    finally:
+        handle.remove()
+    assert seen[0] > 100 and not bad, bad[:5]
+    assert accel.stage_device(RuntimeConfig()) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_runtime_errors_are_one_line():
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="runtime.device: cuda:1, but torch sees no CUDA device"):
+            accel.stage_device(RuntimeConfig(device="cuda:1"))
+    with pytest.raises(ValueError, match="'gpu' is not a device"):
+        RuntimeConfig(device="gpu")
+    with pytest.raises(ValueError, match="ref_reset_every with runtime.lora"):
+        _grpo(ref_reset_every=10, runtime={"lora": {}})
