@@ -2,6 +2,7 @@
 
     r1 run RECIPE [key.sub=value ...]        a built-in recipe by name, or a recipe file
     r1 sft|grpo|eval|reject CONFIG [k=v ...] one stage (grpo.config.STAGES) from a recipe file or a stage file
+    r1 report RUN_DIR                        report.md, report.json and plots/*.png from a run directory
     r1 rewards list | score ...              inspect and debug reward functions
     r1 serve MODEL ...                       a vLLM rollout server for a remote trainer
 
@@ -95,6 +96,16 @@ def _run(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    """Rebuild a run directory's report (the held-out table, a line per stage, PNG plots): grpo/report.py."""
+    from rich.console import Console
+
+    from grpo.report import write_report
+
+    write_report(Path(args.run_dir), Console())
+    return 0
+
+
 def _stage(args) -> int:
     """One stage kind from STAGES, from a recipe's section or a bare stage file."""
     import json
@@ -132,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run a recipe (built-in name or YAML file)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p = sub.add_parser("report", help="report.md, report.json and plots/*.png from a run directory")
+    p.add_argument("run_dir", help="a directory `r1 run` wrote (stage directories NN-name)")
     for name in STAGES:
         p = sub.add_parser(name, help=f"run one {name} stage")
         p.add_argument("config")
@@ -151,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # reuse freed activation and gradient pages across steps instead of faulting them in again
 
     try:
-        return _run(args) if args.command == "run" else _stage(args)
+        return _run(args) if args.command == "run" else _report(args) if args.command == "report" else _stage(args)
     except (ConfigError, DataError) as e:
         print(f"r1: error: {e}", file=sys.stderr)
         return 2

@@ -176,10 +176,13 @@ def test_last_number_is_format_blind():
 def _report(evals, tmp_path):
     from rich.console import Console
 
-    from grpo import pipeline
+    from grpo.evaluate import benchmark_name
+    from grpo.report import held_out
 
     console = Console(record=True, width=240)
-    pipeline.report(load_recipe("r1-zero-tiny"), evals, tmp_path, console)
+    recipe = load_recipe("r1-zero-tiny")
+    names = [benchmark_name(recipe.sections[s].data) for s in recipe.stages if recipe.sections[s].kind == "eval"]
+    held_out(recipe.name, evals, names if len(names) == len(evals) else ["held-out"] * len(evals), tmp_path, console)
     return console.export_text(), (tmp_path / "report.md").read_text(), json.loads((tmp_path / "report.json").read_text())
 
 

@@ -55,6 +55,7 @@ def test_stage_commands_run_as_written(tmp_path):
         "r1 grpo my-recipe.yaml model=runs/r1-zero-tiny/00-pretrain/final --output runs/grpo",
         "r1 eval my-recipe.yaml model=runs/grpo/final k=8",
         "r1 sft stage.yaml",
+        "r1 report runs/r1-zero-tiny",
         "r1 rewards list",
         "r1 rewards score --reward accuracy,format --data completions.jsonl",
         "r1 serve MODEL",
@@ -93,6 +94,11 @@ def test_stage_commands_run_as_written(tmp_path):
         "data": {"source": "synthetic:arith", "num_examples": 50, "completion_column": "solution"}}))
     p = _r1(tmp_path, "sft", "stage.yaml")
     assert "checkpoint: runs/sft/final" in p.stdout and (tmp_path / "runs/sft/final/config.json").is_file()
+
+    # r1 report RUN_DIR: the run above's report and plots, rebuilt
+    p = _r1(tmp_path, "report", "runs/r1-zero-tiny")
+    assert "held-out accuracy (pass@1):" in p.stdout
+    assert all((tmp_path / "runs/r1-zero-tiny/plots" / f).is_file() for f in ("grpo.png", "sft.png", "evals.png"))
 
     # r1 rewards list / score
     p = _r1(tmp_path, "rewards", "list")
