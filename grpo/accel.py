@@ -135,6 +135,22 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def active_params(model) -> int:
+    """Parameters a token's forward multiplies by: every matrix but the input embedding (a lookup), less the routed
+    experts it skips in each MoE layer (E - K of E). Training FLOPs ~ 6 x this x tokens, a forward 2 x (Kaplan)."""
+    from grpo.logprobs import unwrap
+
+    lm = unwrap(model)
+    n = sum(p.numel() for p in lm.parameters())
+    emb, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
+    if emb is not head:
+        n -= emb.numel()
+    for moe in getattr(lm, "moe_layers", list)():
+        E, K = moe.cfg.n_routed_experts, moe.cfg.num_experts_per_tok
+        n -= sum(p.numel() for p in moe.experts.parameters()) * (E - K) // E
+    return n
+
+
 def make_optimizer(model, cfg: OptimFields, total_steps: int):
     """AdamW over the trainable parameters plus a warmup + constant/cosine/linear schedule."""
     params = [p for p in model.parameters() if p.requires_grad]

@@ -56,16 +56,22 @@ def preflight(sections, output: Path | None = None) -> None:
 
     if output is not None:
         check_output_dir("output", output)
+
+    def made_here(path: str | None) -> bool:
+        """A path inside the run's own output directory: an earlier stage writes it (R1's traces, the base)."""
+        return output is not None and path is not None and Path(path).absolute().is_relative_to(output.absolute())
+
     for name, sec in sections:
-        check_model_path(f"{name}.model", sec.model)
-        check_model_path(f"{name}.teacher", getattr(sec, "teacher", None))
+        for field in ("model", "teacher", "tokenizer"):
+            if not made_here(getattr(sec, field, None)):
+                check_model_path(f"{name}.{field}", getattr(sec, field, None))
         datas = [(f"{name}.data", sec.data)] if sec.data is not None else []
         datas += [(f"{name}.decontaminate.{i}", d) for i, d in enumerate(getattr(sec, "decontaminate", []))]
         datas += [(f"{name}.benchmarks.{b}", d) for b, d in (getattr(sec, "benchmarks", None) or {}).items()]
         datas += [(f"{name}.eval_data", sec.eval_data)] if getattr(sec, "eval_data", None) is not None else []
         for field, data in datas:
             src = data.source
-            if Path(src).suffix in (".jsonl", ".json", ".parquet") and not Path(src).is_file():
+            if Path(src).suffix in (".jsonl", ".json", ".parquet") and not Path(src).is_file() and not made_here(src):
                 raise ConfigError(f"{field}.source: file {src} does not exist")
         try:
             templates.check(sec.template)

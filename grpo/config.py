@@ -140,6 +140,7 @@ class SFTConfig(OptimFields):
     model: str | None = None  # HF directory; None: the previous stage's output (or `init`)
     init: dict[str, Any] | None = None  # a transformers config dict (needs model_type) to build a fresh model
     train_tokenizer: TokenizerConfig | None = None
+    tokenizer: str | None = None  # with `init`: this checkpoint's tokenizer instead of training one (a teacher's)
     data: DataConfig = Field(default_factory=DataConfig)
     template: str = "r1_zero"  # a shipped name, a .jinja path, or `chat` (the tokenizer's chat template)
     loss_on: Literal["completion", "all"] = "completion"
@@ -160,6 +161,8 @@ class SFTConfig(OptimFields):
     def _length(self):
         if self.steps is not None and self.epochs is not None:
             raise ValueError("set `steps` or `epochs`, not both")
+        if self.tokenizer is not None and (self.init is None or self.train_tokenizer is not None):
+            raise ValueError("`tokenizer` goes with `init` (a fresh model), instead of `train_tokenizer`")
         if self.eval_data is not None and self.eval_fraction > 0:
             raise ValueError("set `eval_data` or `eval_fraction`, not both")
         if self.eval_every and self.eval_data is None and self.eval_fraction == 0:

@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 
 from grpo import algo, checkpoint
-from grpo.accel import (autocast, load_frozen, load_trainable, make_optimizer, open_metrics, optimizer_step,
+from grpo.accel import (active_params, autocast, load_frozen, load_trainable, make_optimizer, open_metrics, optimizer_step,
                         prepare_trainable, progress, seed_everything, stage_device, to_device)
 from grpo.config import ConfigError, DistillConfig, SFTConfig, stage_runner
 from grpo.data import load_rows
@@ -232,6 +232,8 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
         prompt_ids = tok(prompts, add_special_tokens=False).input_ids
         worker = make_worker("native", student, tok, model_path)
     opt, sched = make_optimizer(trained, cfg, cfg.steps)
+    n_s, n_t = active_params(student), active_params(teacher)
+    spent = {"flops": 0.0, "seconds": 0.0}  # compute so far (compute/* metrics), the teacher's forwards included
     rng = random.Random(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     student.train()
@@ -244,6 +246,7 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
                     batch_seqs = [seqs[rng.randrange(len(seqs))] for _ in range(cfg.batch_size)]
                     loss, n = kd_step(student, teacher, batch_seqs, tok.pad_token_id, div, cfg.chunk_size)
                 extra = {"tokens": n}
+                step_flops = (2 * n_t + 6 * n_s) * n  # teacher forward, student forward + backward
             else:
                 idx = [rng.randrange(len(rows)) for _ in range(cfg.prompts_per_step)]
                 sp = cfg.sampling
@@ -258,12 +261,17 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
                     loss, extra = on_policy_step(student, teacher, batch, cfg)
                 extra.update({"tokens": int(batch["completion_mask"].sum()),
                               "completions/mean_length": sum(len(c.token_ids) for c in comps) / len(comps)})
+                seq = float(batch["attention_mask"].sum())  # sampling, the teacher's scoring, the student's update
+                step_flops = 2 * n_s * (extra["tokens"] + sum(len(prompt_ids[i]) for i in idx)) + (2 * n_t + 6 * n_s) * seq
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"distill step {step + 1}: loss is {loss.item()}")
             loss.backward()
             grad_norm = optimizer_step(trained, opt, sched, cfg.max_grad_norm)
             m = {"step": step + 1, "loss": loss.item(), **extra, "grad_norm": grad_norm.item(),
                  "learning_rate": sched.get_last_lr()[0], "step_time": time.perf_counter() - t0}
+            spent["flops"] += step_flops
+            spent["seconds"] += m["step_time"]
+            m["compute/flops"], m["compute/seconds"] = spent["flops"], spent["seconds"]
             log.write(json.dumps(m) + "\n")
             log.flush()
             info = f"loss {m['loss']:.4f}" + (f" reverse_kl {m['reverse_kl']:.4f}" if "reverse_kl" in m else "")

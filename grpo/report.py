@@ -396,6 +396,9 @@ def stage_line(s: Stage, run_dir: Path) -> str:
         if times:
             parts.append(f"wall time {_duration(sum(times))} (sum of {key})")
             break
+    flops = _finite(s.metrics, "compute/flops")[1]
+    if flops:  # the stage's own estimate: 6N per trained token, 2N per forward-only token (grpo.accel.active_params)
+        parts.append(f"{flops[-1]:.3g} training FLOPs")
     for key in ("reward", "loss", "eval_loss", "reverse_kl"):
         y = _finite(s.metrics, key)[1]
         if y and (key != "loss" or s.kind != "grpo"):

@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 
 from grpo import checkpoint
-from grpo.accel import (autocast, load_trainable, make_optimizer, open_metrics, optimizer_step, prepare_trainable,
+from grpo.accel import (active_params, autocast, load_trainable, make_optimizer, open_metrics, optimizer_step, prepare_trainable,
                         progress, seed_everything, stage_device, to_device)
 from grpo.config import ConfigError, SFTConfig, TokenizerConfig
 from grpo.data import DataError, load_rows
@@ -265,13 +265,18 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
     elif resuming:  # exact resume: weights and tokenizer from last/, optimizer, schedule and RNG from its trainer_state
         model, tokenizer = load_trainable(str(last), rt)
     elif cfg.init is not None:
-        if cfg.template == "chat":
+        if cfg.tokenizer is not None:  # a fresh model on a given tokenizer (say a teacher's, for distillation)
+            tokenizer = hf.load_tokenizer(cfg.tokenizer)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        elif cfg.template == "chat":
             raise ConfigError("template: 'chat' needs a tokenizer with a chat_template; one trained for `init` has none")
-        texts = []
-        for r in rows:
-            p = render(cfg.template, r["prompt"])
-            texts += [p, join(p, r["completion"])]
-        tokenizer = train_bpe(texts, (cfg.train_tokenizer or TokenizerConfig()).vocab_size)
+        else:
+            texts = []
+            for r in rows:
+                p = render(cfg.template, r["prompt"])
+                texts += [p, join(p, r["completion"])]
+            tokenizer = train_bpe(texts, (cfg.train_tokenizer or TokenizerConfig()).vocab_size)
         model = hf.build_from_config(cfg.init, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.seed)
         console.print(f"\\[sft] built {cfg.init.get('model_type') or cfg.init.get('preset')} from config: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {len(tokenizer)}")
         model = prepare_trainable(model, rt)
@@ -287,10 +292,12 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
     limit = cfg.epochs * len(pairs) if cfg.epochs else None
     total = cfg.steps or math.ceil(limit / cfg.batch_size)
     opt, sched = make_optimizer(model, cfg, total)
-    start = 0
+    start, spent = 0, {"flops": 0.0, "seconds": 0.0}  # training compute so far (compute/* metrics)
     if resuming:
-        start = checkpoint.load_state(last, opt, sched)["step"]
+        state = checkpoint.load_state(last, opt, sched)
+        start, spent = state["step"], state.get("compute", spent)
         console.print(f"\\[sft] resumed from {last} at step {start}")
+    n_active = active_params(model)
     # `epochs`: shuffled passes, every example once per epoch. `steps`: rows drawn with replacement from one seeded
     # stream, as r1kit's SFT always has (the built-in recipe's pretraining is tuned to it), fast-forwarded on resume
     draw = random.Random(cfg.seed)
@@ -320,9 +327,13 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
                 m["eval_loss"] = eval_loss(model, eval_pairs, pad, cfg)
             m["step_time"] = time.perf_counter() - t0
+            spent["flops"] += 6 * n_active * batch["tokens"]  # forward + backward over the real tokens
+            spent["seconds"] += m["step_time"]
+            m["compute/flops"], m["compute/seconds"] = spent["flops"], spent["seconds"]
             log.write(json.dumps(m) + "\n")
             log.flush()
             bar.update(task, advance=1, info=f"loss {m['loss']:.3f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-                checkpoint.save(last, model, tokenizer, {"step": step + 1, "cursor": (step + 1) * cfg.batch_size}, opt, sched)
+                checkpoint.save(last, model, tokenizer, {"step": step + 1, "cursor": (step + 1) * cfg.batch_size,
+                                                        "compute": dict(spent)}, opt, sched)
     return checkpoint.save(out_dir / "final", model, tokenizer)

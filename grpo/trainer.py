@@ -29,7 +29,7 @@ from rich.console import Console
 import rewards as reward_lib
 from rewards.runner import PerReward
 from grpo import algo, checkpoint, dynamic
-from grpo.accel import (Trackers, adapter_disabled, autocast, barrier, check_replicas, distributed, frozen_copy,
+from grpo.accel import (Trackers, active_params, adapter_disabled, autocast, barrier, check_replicas, distributed, frozen_copy,
                         load_trainable, make_optimizer, progress, reduce_metrics, seed_everything, stage_device,
                         to_device)
 from grpo.config import GRPOConfig
@@ -84,6 +84,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
     ref = TokenLogprobs(frozen) if frozen is not None else None
     opt, sched = make_optimizer(model, cfg, cfg.steps)
     start, cursor = 0, 0
+    spent = {"flops": 0.0, "seconds": 0.0}  # compute so far, all ranks (compute/* metrics)
     last = out_dir / "last"
     if cfg.resume and (last / "trainer_state").is_dir():  # exact resume: weights, optimizer, RNG, step, data cursor
         # LoRA: the base again with the trained adapter; else the full weights of last/
@@ -92,10 +93,12 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
         opt, sched = make_optimizer(model, cfg, cfg.steps)
         state = checkpoint.load_state(last, opt, sched)
         start, cursor = state["step"], state["cursor"]
+        spent.update(state.get("compute", {}))
         if ref is not None and "reference" in state:  # reset since the start: the reference of that step
             ref.lm.load_state_dict(state["reference"])
         console.print(f"\\[grpo] resumed from {last} at step {start}")
     policy = model  # the plain module: sampling, checkpoints and weight pushes use it
+    n_active = active_params(policy)
     local = TokenLogprobs(policy)  # fused log-probs from the policy's hidden states (grpo/logprobs.py)
     scorer, opt, rank, world = distributed(local, opt)  # DDP wraps the scorer: its forward is what backward runs
     if cfg.prompts_per_step % world:
@@ -203,6 +206,12 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             worker.update_weights(policy)  # the module: parameters plus persistent buffers (MoE router bias)
             t_sync = time.perf_counter() - t_sync
             lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float)
+            # FLOPs of this rank's step (2N per token forward, 6N forward + backward): sampling (each group's prompt
+            # once, then its completions), the reference and old passes, the update(s)
+            seq = float(batch["attention_mask"].sum())
+            sampled = float(lengths.sum()) + sum(len(prompt_ids[idx[g * G]]) for g in range(len(idx) // G))
+            step_flops = n_active * (2 * sampled + 2 * seq * ((cfg.beta > 0) + (cfg.num_iterations > 1))
+                                     + 6 * seq * cfg.num_iterations)
             std_per_group = rewards_t.view(-1, G).std(dim=1)
             metrics = {"step": step + 1, "reward": rewards_t.mean().item(), "reward_std": std_per_group.mean().item(),
                        "frac_reward_zero_std": (std_per_group < 1e-6).float().mean().item(),
@@ -210,8 +219,12 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                        "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
                        "completions/max_length": lengths.max().item(),
                        "completions/clipped_ratio": sum(c.finish_reason == "length" for c in comps) / B,
-                       "time/generate": t_gen, **timers, "time/weight_sync": t_sync, "time/step": time.perf_counter() - t0}
+                       "time/generate": t_gen, **timers, "time/weight_sync": t_sync, "time/step": time.perf_counter() - t0,
+                       "compute/step_flops": step_flops}
             metrics = {**reduce_metrics(metrics, world), "step": step + 1, "num_processes": world}
+            spent["flops"] += metrics.pop("compute/step_flops") * world
+            spent["seconds"] += metrics["time/step"]
+            metrics["compute/flops"], metrics["compute/seconds"] = spent["flops"], spent["seconds"]
             log.log(metrics, step + 1)
             if cfg.sample_table_every and (step + 1) % cfg.sample_table_every == 0:
                 log.table("samples", ["prompt", "completion", "reward"],
@@ -222,7 +235,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 check_replicas(policy, world, "GRPO")
                 if main:
-                    state = {"step": step + 1, "cursor": cursor}
+                    state = {"step": step + 1, "cursor": cursor, "compute": dict(spent)}
                     if ref is not None and cfg.ref_reset_every:
                         state["reference"] = ref.lm.state_dict()
                     checkpoint.save(last, policy, tok, state, opt, sched)

@@ -217,6 +217,15 @@ def test_every_tensor_a_stage_hands_its_models_is_on_the_models_device(base, tmp
     finally:
         handle.remove()
     assert seen[0] > 100 and not bad, bad[:5]
+    # each stage logs its compute: SFT 6 N per real token (N: the parameters a token multiplies by, all but the
+    # untied input embedding, a lookup); GRPO and distill at least their update's 6 N per token
+    lm = AutoModelForCausalLM.from_pretrained(base)
+    n = sum(p.numel() for p in lm.parameters()) - lm.get_input_embeddings().weight.numel()
+    row = json.loads((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["compute/flops"] == 6 * n * row["tokens"] and row["compute/seconds"] > 0
+    for stage in ("grpo", "distill"):
+        row = json.loads((tmp_path / stage / "metrics.jsonl").read_text().splitlines()[-1])
+        assert row["compute/flops"] > 6 * n * row.get("tokens", 1) > 0
     assert accel.stage_device(RuntimeConfig()) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
