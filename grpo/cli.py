@@ -46,9 +46,10 @@ def check_output_dir(field: str, path: Path) -> None:
         raise ConfigError(f"{field}: {path} is not writable ({p} does not allow writing)")
 
 
-def preflight(sections, output: Path | None = None) -> None:
+def preflight(sections, output: Path | None = None, recipe: bool = False) -> None:
     """Checks that need no model, on (name, section) pairs: model and data paths exist, templates compile,
-    rewards resolve, the output directory is writable, the rollout engine is installed."""
+    rewards resolve, the output directory is writable, the rollout engine is installed. `stage:NAME` references
+    (grpo/pipeline.py) need a recipe run (`recipe`) in which NAME comes earlier."""
     import jinja2
 
     import rewards
@@ -58,10 +59,22 @@ def preflight(sections, output: Path | None = None) -> None:
         check_output_dir("output", output)
 
     def made_here(path: str | None) -> bool:
-        """A path inside the run's own output directory: an earlier stage writes it (R1's traces, the base)."""
-        return output is not None and path is not None and Path(path).absolute().is_relative_to(output.absolute())
+        """A path inside the run's own output directory, or a stage:NAME reference: an earlier stage writes it."""
+        return (recipe and path is not None and path.startswith("stage:")) or (
+            output is not None and path is not None and Path(path).absolute().is_relative_to(output.absolute()))
 
+    earlier: list[str] = []
     for name, sec in sections:
+        refs = [(f, getattr(sec, f, None)) for f in ("model", "teacher", "tokenizer")]
+        refs += [("data.source", sec.data.source)] if getattr(sec, "data", None) is not None else []
+        for field, value in refs:
+            if isinstance(value, str) and value.startswith("stage:"):
+                if not recipe:
+                    raise ConfigError(f"{name}.{field}: {value} refers to another stage; run the recipe with r1 run")
+                if value[6:] not in earlier:
+                    raise ConfigError(f"{name}.{field}: {value} names no stage before {name} "
+                                      f"(earlier: {', '.join(earlier) or 'none'})")
+        earlier.append(name)
         for field in ("model", "teacher", "tokenizer"):
             if not made_here(getattr(sec, field, None)):
                 check_model_path(f"{name}.{field}", getattr(sec, field, None))
@@ -95,7 +108,7 @@ def preflight(sections, output: Path | None = None) -> None:
 
 def _run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    preflight([(s, recipe.sections[s]) for s in recipe.stages], Path(recipe.output_dir))
+    preflight([(s, recipe.sections[s]) for s in recipe.stages], Path(recipe.output_dir), recipe=True)
     from grpo import pipeline
 
     pipeline.run(recipe)

@@ -24,10 +24,11 @@ def run(recipe: RecipeConfig, console: Console | None = None) -> list[tuple[str,
     tmp = out / ".recipe.json.tmp"
     tmp.write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
     os.replace(tmp, out / "recipe.json")
+    dirs: dict[str, Path] = {}  # section name -> the directory of its latest run so far (stage:NAME references)
     for i, name in enumerate(recipe.stages):
-        sec = recipe.sections[name]
+        sec = resolve_refs(recipe.sections[name], dirs, name)
         spec = STAGES[sec.kind]
-        stage_dir = out / f"{i:02d}-{name}"
+        stage_dir = dirs[name] = out / f"{i:02d}-{name}"
         model = sec.model or current
         console.rule(f"[bold]stage {i}: {name} ({sec.kind})")
         if spec.needs_model and model is None:
@@ -50,3 +51,19 @@ def run(recipe: RecipeConfig, console: Console | None = None) -> list[tuple[str,
         write_report(out, console)  # report.md (the table of every eval, a line per stage, plots), report.json
     return evals
 
+
+def resolve_refs(sec, dirs: dict[str, Path], name: str):
+    """The section with `stage:NAME` resolved: in model, teacher and tokenizer, NAME's final checkpoint; in
+    data.source, the dataset a reject stage NAME wrote. So a recipe's stages point at each other, not at paths
+    under one output_dir (an override of output_dir then moves the whole run)."""
+    def ref(value, field: str):
+        if not (isinstance(value, str) and value.startswith("stage:")):
+            return value
+        if value[6:] not in dirs:
+            raise ConfigError(f"{name}.{field}: {value} names no stage run before {name}")
+        return str(dirs[value[6:]] / ("data/train.jsonl" if field == "data.source" else "final"))
+
+    update = {f: ref(getattr(sec, f), f) for f in ("model", "teacher", "tokenizer") if hasattr(sec, f)}
+    if getattr(sec, "data", None) is not None:
+        update["data"] = sec.data.model_copy(update={"source": ref(sec.data.source, "data.source")})
+    return sec.model_copy(update=update)

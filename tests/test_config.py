@@ -146,3 +146,25 @@ def test_bare_keys_apply_to_the_chosen_stage_of_a_recipe():
     assert cfg.kind == "sft" and cfg.steps == 5
     with pytest.raises(ConfigError, match=r"unknown key 'lerning_rate'.*did you mean 'learning_rate'"):
         load_stage("grpo", str(RECIPE), ["lerning_rate=1e-5"])
+
+
+def test_stage_references_resolve_in_order_and_only_inside_a_recipe(tmp_path):
+    """stage:NAME points a section at an earlier stage's checkpoint or dataset; a later or unknown name, or a
+    reference outside `r1 run`, is a one-line error before anything runs."""
+    from grpo.cli import preflight
+    from grpo.config import load_recipe
+    from grpo.pipeline import resolve_refs
+
+    recipe = load_recipe("r1-tiny")
+    sections = [(s, recipe.sections[s]) for s in recipe.stages]
+    preflight(sections, tmp_path / "out", recipe=True)  # the built-in recipe's references are all backwards
+    swapped = [sections[0], sections[5], sections[4]]  # cold_start before the reject stage it reads
+    with pytest.raises(ConfigError, match=r"cold_start.data.source: stage:cold_start_data names no stage before "
+                                          r"cold_start \(earlier: pretrain\)"):
+        preflight(swapped, tmp_path / "out", recipe=True)
+    with pytest.raises(ConfigError, match="cold_start.model: stage:pretrain refers to another stage; run the recipe"):
+        preflight([sections[5]], tmp_path / "out")
+    dirs = {"pretrain": tmp_path / "00-pretrain", "cold_start_data": tmp_path / "04-cold_start_data"}
+    sec = resolve_refs(recipe.sections["cold_start"], dirs, "cold_start")
+    assert sec.model == str(tmp_path / "00-pretrain" / "final")
+    assert sec.data.source == str(tmp_path / "04-cold_start_data" / "data" / "train.jsonl")
