@@ -162,6 +162,8 @@ def held_out(name: str, evals: list[tuple[str, dict]], names: list[str], out: Pa
         cells = [(label, {(None if flat else b, k): v for b, m in benches.items() for k, v in m.items()
                           if k not in ("problems", "samples")}) for label, benches in rows]
         columns = list(dict.fromkeys(c for _, row in cells for c in row))
+        if not flat:  # several benchmarks: the console keeps R1's columns (report.md has every metric)
+            columns = [c for c in columns if c[1].startswith(("pass@", "cons@"))]
         first = evals[0][1]
         size = ""
         if flat and "problems" in first:
