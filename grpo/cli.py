@@ -1,6 +1,6 @@
 """`r1`: run recipes and single stages.
 
-    r1 run RECIPE [key.sub=value ...]        a built-in recipe by name, or a recipe file
+    r1 run RECIPE [key.sub=value ...]        a built-in recipe by name, or a recipe file (--dry-run: check it)
     r1 sft|grpo|eval|reject CONFIG [k=v ...] one stage (grpo.config.STAGES) from a recipe file or a stage file
     r1 report RUN_DIR                        report.md, report.json and plots/*.png from a run directory
     r1 rewards list | score ...              inspect and debug reward functions
@@ -109,6 +109,13 @@ def preflight(sections, output: Path | None = None, recipe: bool = False) -> Non
 def _run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     preflight([(s, recipe.sections[s]) for s in recipe.stages], Path(recipe.output_dir), recipe=True)
+    if args.dry_run:  # every stage one step on CPU stand-ins, and the memory plan of the real models
+        from rich.console import Console
+
+        from grpo.plan import dry_run
+
+        dry_run(recipe, Console(), args.gpu_memory)
+        return 0
     from grpo import pipeline
 
     pipeline.run(recipe)
@@ -162,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run a recipe (built-in name or YAML file)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, run each stage one step on CPU with tiny stand-ins, print the memory plan per GPU")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU for the --dry-run plan")
     p = sub.add_parser("report", help="report.md, report.json and plots/*.png from a run directory")
     p.add_argument("run_dir", help="a directory `r1 run` wrote (stage directories NN-name)")
     for name in STAGES:

@@ -209,7 +209,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             # FLOPs of this rank's step (2N per token forward, 6N forward + backward): sampling (each group's prompt
             # once, then its completions), the reference and old passes, the update(s)
             seq = float(batch["attention_mask"].sum())
-            sampled = float(lengths.sum()) + sum(len(prompt_ids[idx[g * G]]) for g in range(len(idx) // G))
+            sampled = float(lengths.sum()) + sum(len(prompt_ids[i]) for i in idx)  # idx: one row per group
             step_flops = n_active * (2 * sampled + 2 * seq * ((cfg.beta > 0) + (cfg.num_iterations > 1))
                                      + 6 * seq * cfg.num_iterations)
             std_per_group = rewards_t.view(-1, G).std(dim=1)
