@@ -408,12 +408,13 @@ class RecipeConfig(Strict):
     description: str = ""
     output_dir: str = "runs/${name}"
     stages: list[str]
+    seed: int | None = None  # set, it becomes every section's `seed` (init, sampling, data order; not which problems)
     sections: dict[str, StageConfig] = Field(default_factory=dict)  # filled by load_recipe, section by section
 
 
 # ---------------------------------------------------------------- loading, overrides, errors
 
-_RECIPE_KEYS = {"name", "description", "output_dir", "stages"}
+_RECIPE_KEYS = {"name", "description", "output_dir", "stages", "seed"}
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -568,6 +569,9 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> RecipeConfig:
         recipe = RecipeConfig.model_validate({**top, "stages": top.get("stages", list(sections))})
     except ValidationError as err:
         raise ConfigError(_format_error(err, RecipeConfig, where, origin)) from None
+    if recipe.seed is not None:  # one knob for a whole run: `r1 run r1-tiny seed=1`
+        sections = {k: sec.model_copy(update={"seed": recipe.seed}) if "seed" in type(sec).model_fields else sec
+                    for k, sec in sections.items()}
     recipe.sections = sections
     missing = [s for s in recipe.stages if s not in sections]
     if missing:

@@ -168,3 +168,11 @@ def test_stage_references_resolve_in_order_and_only_inside_a_recipe(tmp_path):
     sec = resolve_refs(recipe.sections["cold_start"], dirs, "cold_start")
     assert sec.model == str(tmp_path / "00-pretrain" / "final")
     assert sec.data.source == str(tmp_path / "04-cold_start_data" / "data" / "train.jsonl")
+
+
+def test_recipe_seed_sets_every_section_seed_but_not_the_problems():
+    from grpo.config import load_recipe
+
+    r = load_recipe("r1-tiny", ["seed=7"])
+    assert {sec.seed for sec in r.sections.values()} == {7}
+    assert r.sections["zero"].data.seed == load_recipe("r1-tiny").sections["zero"].data.seed  # same problems
