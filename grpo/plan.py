@@ -169,9 +169,10 @@ def _stand_in(path: str, out: Path, tok_dir: Path) -> str:
 def _shrunk(sec, models: dict[str, str]):
     """The section for a one-step CPU run: stand-in models, synthetic data in place of the hub, fp32 on CPU,
     native sampling, a handful of rows and tokens."""
-    update: dict = {"template": "r1_zero"} if getattr(sec, "template", None) == "chat" else {}  # stand-ins have
-    update["runtime"] = sec.runtime.model_copy(update={"device": "cpu", "dtype": "float32",  # no chat template
-                                                       "mixed_precision": "no", "reference_dtype": "same"})
+    cpu = {"device": "cpu", "dtype": "float32", "mixed_precision": "no", "reference_dtype": "same"}
+    update: dict = {"runtime": sec.runtime.model_copy(update=cpu)}
+    if getattr(sec, "template", None) == "chat":  # the stand-ins' local tokenizer has no chat template
+        update["template"] = "r1_zero"
     for field in ("model", "teacher", "tokenizer"):
         if getattr(sec, field, None) in models:
             update[field] = models[getattr(sec, field)]

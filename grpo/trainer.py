@@ -100,6 +100,9 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
     policy = model  # the plain module: sampling, checkpoints and weight pushes use it
     n_active = active_params(policy)
     local = TokenLogprobs(policy)  # fused log-probs from the policy's hidden states (grpo/logprobs.py)
+    # the KL reference: the frozen copy, or under LoRA the policy itself with its adapter disabled
+    ref_scorer, ref_context = ((ref, contextlib.nullcontext) if ref is not None
+                               else (local, lambda: adapter_disabled(policy)))
     scorer, opt, rank, world = distributed(local, opt)  # DDP wraps the scorer: its forward is what backward runs
     if cfg.prompts_per_step % world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide evenly over {world} processes")
@@ -169,9 +172,9 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             t_ref = time.perf_counter()
             with torch.no_grad(), autocast(rt):
                 ref_lp = None
-                if cfg.beta > 0:  # the frozen copy, or (LoRA) the policy with its adapter disabled
-                    with adapter_disabled(policy) if ref is None else contextlib.nullcontext():
-                        ref_lp = torch.cat([policy_logprobs(ref if ref is not None else local, batch, m, sp.temperature)[0] for m in micro])
+                if cfg.beta > 0:
+                    with ref_context():
+                        ref_lp = torch.cat([policy_logprobs(ref_scorer, batch, m, sp.temperature)[0] for m in micro])
                 t_old = time.perf_counter()
                 old_lp = torch.cat([policy_logprobs(local, batch, m, sp.temperature, replay=cfg.routing_replay)[0]
                                     for m in micro]) if cfg.num_iterations > 1 else None
