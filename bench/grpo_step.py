@@ -98,7 +98,10 @@ def run_trl(path, rows, args, out_dir) -> list[tuple[float, float]]:
                      num_generations=args.group, max_completion_length=args.max_tokens, beta=args.beta,
                      learning_rate=1e-5, max_steps=args.warmup + args.steps, logging_steps=1, report_to="none",
                      use_cpu=True, save_strategy="no", temperature=1.0, loss_type="grpo", scale_rewards="group",
-                     shuffle_dataset=False, disable_dropout=True, dataloader_num_workers=0, seed=0)
+                     shuffle_dataset=False, disable_dropout=True, dataloader_num_workers=0, seed=0,
+                     # TRL 1.16 defaults to bf16=True and gradient_checkpointing=True; on a CPU without bf16 units
+                     # that emulates every GEMM (68 s a step here). r1kit trains fp32 without checkpointing, so TRL does too.
+                     bf16=False, gradient_checkpointing=False)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=cfg, processing_class=tok,
                           train_dataset=Dataset.from_list(rows * (args.warmup + args.steps)), callbacks=[Clock()])
