@@ -17,14 +17,14 @@ import pytest
 import torch
 
 import grpo.kernels.moe as moe_mod
-from grpo.kernels import cpu_moe
+from grpo.kernels import cbuild, cpu_moe
 from grpo.kernels.logprob import fused_logprob, logprob_reference
 from grpo.kernels.moe import align_blocks, moe_ffn, moe_ffn_triton
 from grpo.kernels.rmsnorm import rms_norm, rms_norm_reference
 from tolerance import LAM, assert_within, rounding_tol, unit_roundoff
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-needs_cc = pytest.mark.skipif(cpu_moe.compiler() is None, reason="needs a C compiler (cc, gcc or clang) on Linux")
+needs_cc = pytest.mark.skipif(cbuild.compiler() is None, reason="needs a C compiler (cc, gcc or clang) on Linux")
 # the C expert loop calls torch's MKL sgemm; test_cpu_moe_builds_where_a_compiler_is checks it is found exactly then
 needs_mkl = pytest.mark.skipif(not torch.backends.mkl.is_available(),
                                reason="torch is not built with MKL: the loop needs its sgemm (SwiGLU alone is still C)")
@@ -531,3 +531,66 @@ def test_fused_logprob_on_cuda_matches_reference():
     want = logprob_reference(h, w, t)
     for a, b in zip(got, want):  # cuBLAS may use TF32 (u = 2^-11): 2^-11 * 8 * sqrt(128) ~ 4e-3 of |logits| ~ 2
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- the native sampler's C decoding attention
+
+
+def _decode_case(B, H, R, T, D, cap, seed, mask_kind):
+    """q [B, H, R, D] and key/value views [:, :, :T] of a [B, H, cap, D] buffer (the sampler's cache layout)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, R, D, generator=gen)
+    kbuf, vbuf = torch.randn(B, H, cap, D, generator=gen) * 2, torch.randn(B, H, cap, D, generator=gen)
+    mask = None
+    if mask_kind == "padding":  # left padding on some rows, as the sampler's additive bias has it
+        full = torch.zeros(B, 1, 1, cap)
+        full[0, ..., : T // 2] = float("-inf")
+        full[-1, ..., :1] = float("-inf")
+        mask = full[..., :T]
+    elif mask_kind == "broadcast":
+        mask = torch.randn(1, 1, 1, cap, generator=gen)[..., :T]
+    return q, kbuf[:, :, :T], vbuf[:, :, :T], mask
+
+
+@needs_cc
+@pytest.mark.parametrize("mask_kind", ["padding", "broadcast", "none"])
+@pytest.mark.parametrize("B,H,R,T,D,cap,seed", [(3, 2, 4, 37, 40, 50, 0), (5, 1, 1, 3, 64, 3, 1),
+                                                 (2, 4, 2, 130, 32, 140, 2)])
+def test_decode_attention_matches_float64(B, H, R, T, D, cap, seed, mask_kind):
+    from grpo.kernels import cpu_attention
+
+    q, k, v, mask = _decode_case(B, H, R, T, D, cap, seed, mask_kind)
+    scale = D**-0.5
+    got = cpu_attention.decode(q, k, v, mask, scale)
+    assert got is not None, "the kernel should take fp32 CPU tensors with a strided cache"
+    m64 = None if mask is None else mask.double()
+    want = cpu_attention.reference(q.double(), k.double(), v.double(), m64, scale)
+    # scores: dots of D terms (error <= lam sqrt(D) u scale sum|q k|); softmax moves each output by at most
+    # 2 max|d score| times sum_t p_t |v_t|; the weighted sum adds T terms, exp/normalise a few roundings (fp32
+    # against float64: one side rounds)
+    s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale + (0 if m64 is None else m64)
+    p = torch.softmax(s, -1)
+    mag = torch.matmul(p, v.double().abs())  # [B, H, R, D]
+    score_mag = (torch.matmul(q.double().abs(), k.double().abs().transpose(-1, -2)) * scale).amax(-1, keepdim=True)
+    u = unit_roundoff(torch.float32)
+    tol = u * (2 * LAM * D**0.5 * score_mag + LAM * T**0.5 + 8) * mag
+    assert_within(got, want, tol, f"decode attention {B, H, R, T, D} mask={mask_kind}")
+
+
+@needs_cc
+def test_decode_attention_is_the_same_for_any_thread_count():
+    from grpo.kernels import cpu_attention
+
+    q, k, v, mask = _decode_case(7, 2, 2, 45, 32, 60, 3, "padding")
+    lib = cpu_attention.load()
+    one = cpu_attention._run(lib, q, k, v, mask, 0.2, threads=1)
+    assert all(torch.equal(one, cpu_attention._run(lib, q, k, v, mask, 0.2, threads=n)) for n in (2, 3, 7))
+
+
+def test_decode_attention_declines_what_it_cannot_read():
+    from grpo.kernels import cpu_attention
+
+    q, k, v, mask = _decode_case(2, 2, 2, 9, 16, 12, 4, "padding")
+    assert cpu_attention.decode(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25) is None  # fp32 only
+    assert cpu_attention.decode(q, k, v, mask.bool(), 0.25) is None  # boolean masks stay with sdpa
+    assert cpu_attention.decode(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, mask, 0.25) is None

@@ -20,18 +20,15 @@ R1KIT_CACHE_DIR moves the cache. Only fp32: other dtypes keep the torch ops.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 
 import torch
 import torch.nn.functional as F
+
+from grpo.kernels import cbuild
 
 _SOURCE = r"""
 #include <math.h>
@@ -168,47 +165,8 @@ void combine(const float *rows, const int64_t *pos, float *out, long lo, long hi
     }
 }
 """
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
-_LIBS = ["-lmvec", "-lm"]
 _LOCK = threading.Lock()
 _LIB: list = []  # [] = not tried yet, [None] = unavailable, [lib] = loaded
-
-
-def _cache_dir() -> str:
-    """Where built libraries live: $R1KIT_CACHE_DIR/kernels, else $XDG_CACHE_HOME (or ~/.cache)/r1kit/kernels."""
-    root = os.environ.get("R1KIT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "r1kit")
-    return os.path.join(root, "kernels")
-
-
-def _cpu_id() -> str:
-    """The CPU's feature flags (what -march=native compiles for), so a shared cache never serves another CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
-def _compile(cc: str) -> str:
-    """Build (or find cached) the shared library; returns its path. Raises on a failed build."""
-    cmd = shlex.split(cc)  # CC may carry a wrapper or flags, e.g. "ccache gcc"
-    version = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, *_LIBS, cc, version, _cpu_id()]).encode()).hexdigest()[:16]
-    out_dir = _cache_dir()
-    path = os.path.join(out_dir, f"moe-{key}.so")
-    if os.path.exists(path):
-        return path
-    os.makedirs(out_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # concurrent builders (torchrun ranks) never collide
-        src, lib = os.path.join(tmp, "moe.c"), os.path.join(tmp, "moe.so")
-        with open(src, "w") as f:
-            f.write(_SOURCE)
-        r = subprocess.run([*cmd, *_FLAGS, "-o", lib, src, *_LIBS], capture_output=True, text=True, timeout=120)
-        if r.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r}")
-        os.replace(lib, path)  # atomic: a reader sees no file or the whole library
-    return path
 
 
 def reference(h: torch.Tensor, da: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
@@ -290,27 +248,19 @@ def _torch_sgemm() -> int | None:
         return None
 
 
-def compiler() -> str | None:
-    """The C compiler to build with: $CC, else cc / gcc / clang on PATH; None off Linux (libmvec is glibc's)."""
-    if platform.system() != "Linux":
-        return None
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-
-
 def load():
     """The compiled library (ctypes), or None where it cannot be built or disagrees with torch (one warning)."""
     with _LOCK:
         if _LIB:
             return _LIB[0]
         lib, why = None, None
-        cc = compiler()
+        cc = cbuild.compiler()
         if os.environ.get("R1KIT_CPU_KERNELS", "1") == "0" or platform.system() != "Linux":
             pass  # off on purpose, or no glibc libmvec to vectorise expf with: torch ops, silently
         elif cc is None:
             why = "no C compiler found; set CC"
         else:
-            try:
-                lib = ctypes.CDLL(_compile(cc))
+            def declare(lib):
                 p, n = ctypes.c_void_p, ctypes.c_long
                 lib.swiglu_fwd.argtypes, lib.swiglu_fwd.restype = [p, p, p, n, n], None
                 lib.swiglu_bwd.argtypes, lib.swiglu_bwd.restype = [p, p, p, p, p, p, n, n], None
@@ -318,11 +268,8 @@ def load():
                 lib.moe_bwd.argtypes, lib.moe_bwd.restype = [p, p, p, p, p, p, n, p, p, p, p, n, n, *[p] * 9], n
                 lib.combine.argtypes, lib.combine.restype = [p, p, p, n, n, n, n], None
                 lib.sgemm = _torch_sgemm()  # None: SwiGLU in C, the rest of the loop in torch ops
-                err = _self_check(lib)
-                if not err <= 1e-5:
-                    lib, why = None, f"its results differ from torch's by {err:.1e}"
-            except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
-                lib, why = None, str(e)
+
+            lib, why = cbuild.load_checked(cc, "moe", _SOURCE, declare, _self_check)
         if why:
             warnings.warn(f"r1kit: the compiled C kernels of the CPU MoE are off ({why}); the torch ops "
                           f"that replace them are slower", stacklevel=2)

@@ -22,6 +22,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from grpo.kernels import cpu_attention
 from grpo.rollout.base import Completion, SamplingParams
 from grpo.rollout.common import fit_prompt, request_seed
 
@@ -135,7 +136,10 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                                       is_causal=is_causal, **kwargs)
     Hkv = key.shape[1]
     q = query.reshape(B, Hkv, H // Hkv, D)  # heads g*rep .. g*rep+rep-1 read KV head g (repeat_kv's order)
-    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+    # fp32 on CPU: one C pass over the cache (grpo/kernels/cpu_attention.py), else torch's sdpa
+    out = cpu_attention.decode(q, key, value, attention_mask, D**-0.5 if scaling is None else scaling)
+    if out is None:
+        out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(B, H, 1, value.shape[-1]).transpose(1, 2), None
 
 
