@@ -6,7 +6,8 @@ Data parallel: under `torchrun` (WORLD_SIZE > 1) accelerate wraps that scorer mo
 the loss forward runs through DDP and the gradients are averaged; `prompts_per_step` is the global batch, split
 evenly over ranks, each rank samples and scores whole groups of its own prompts, and rank 0 logs and saves.
 Loss types, importance sampling (token / sequence), TIS and the clipped variants are grpo.algo's registry; dynamic
-sampling (drop groups whose rewards agree, draw more prompts) is grpo/dynamic.py; metrics go through
+sampling (drop groups whose rewards agree, draw more prompts) is grpo/dynamic.py; without it the rewards are scored on
+a helper thread while the reference pass runs; metrics go through
 grpo.accel.Trackers (jsonl, tensorboard, wandb). A step whose gradient is not finite is skipped and counted
 (`nonfinite/skipped`); max_nonfinite_steps of them in a row stop the run with a message.
 Simplifications: the reference model is a frozen copy of the starting policy (replaced by the policy every
@@ -21,6 +22,7 @@ import contextlib
 import random
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -124,24 +126,26 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
     scorer.train()
     log = Trackers(out_dir, cfg.report_to, start, main, run_name=out_dir.name, config=cfg.model_dump(mode="json"))
     nonfinite = 0  # consecutive steps whose gradient was not finite (their update skipped)
-    with log, progress(console) if main else contextlib.nullcontext() as bar:
+    reward_thread = ThreadPoolExecutor(1, thread_name_prefix="r1kit-rewards")  # scoring beside the reference pass
+    with log, reward_thread, progress(console) if main else contextlib.nullcontext() as bar:
         task = bar.add_task("grpo", total=cfg.steps, completed=start, info="") if main else None
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             counts: dict = {}  # the reward counters (timeouts, errors, ...) of every draw
             timers = {"time/reward": 0.0}
 
-            def draw(d: int) -> list[dynamic.Group]:
-                """Sample and score the next P prompts of this rank (draw d of this step), as groups of G."""
+            def sample(d: int) -> tuple[list[int], list]:
+                """The next P prompts of this rank (draw d of this step) and G samples of each, prompt-major."""
                 nonlocal cursor
                 idx = [order[(cursor + rank * P + i) % len(order)] for i in range(P)]  # this rank's shard
                 cursor += P * world
-                # 1. rollouts: G samples per prompt, grouped prompt-major
                 sampling = SamplingParams(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
                                           max_tokens=sp.max_tokens, stop=list(sp.stop),
                                           seed=cfg.seed * 1_000_003 + (step * draws + d) * world + rank)
-                comps = worker.generate([prompt_ids[i] for i in idx], G, sampling)
-                # 2. rewards with the TRL signature; every dataset column travels along
+                return idx, worker.generate([prompt_ids[i] for i in idx], G, sampling)
+
+            def score(idx: list[int], comps: list) -> list[dynamic.Group]:
+                """Rewards with the TRL signature (every dataset column travels along), as P groups of G."""
                 t_r = time.perf_counter()
                 src = [rows[idx[c.prompt_index]] for c in comps]
                 columns = {k: [r.get(k) for r in src] for k in columns_keys}
@@ -153,20 +157,24 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 return [dynamic.Group(idx[p], comps[p * G:(p + 1) * G], totals[p * G:(p + 1) * G],
                                       {k: v[p * G:(p + 1) * G] for k, v in per.items()}) for p in range(P)]
 
-            groups, ds_metrics = dynamic.fill(draw, P, draws)  # draws = 1: every group, plain GRPO
+            # 1. rollouts, 2. rewards. Plain GRPO scores on a helper thread while the reference pass runs below
+            # (rewards are Python or subprocesses, the pass is torch ops that release the GIL); dynamic sampling
+            # needs every draw's rewards first, to pick the informative groups
+            if draws == 1:
+                idx, comps = sample(0)
+                t_gen, ds_metrics = time.perf_counter() - t0, {}
+                scored = reward_thread.submit(score, idx, comps)
+            else:
+                groups, ds_metrics = dynamic.fill(lambda d: score(*sample(d)), P, draws)
+                t_gen, scored = time.perf_counter() - t0 - timers["time/reward"], None
+                idx, comps, totals, per = dynamic.flatten(groups)
             worker.sleep()  # colocated vLLM on GPU frees its memory for the update; no-op for native
-            t_gen = time.perf_counter() - t0 - timers["time/reward"]
-            idx, comps, totals, per = dynamic.flatten(groups)
-            per = PerReward(per)
-            per.counts = counts
-            rewards_t = torch.tensor(totals)
-            adv = algo.group_advantages(rewards_t, G, cfg.advantage_scale)
             # 3. log-probs: reference (frozen) and old (for num_iterations > 1), then the clipped update(s)
             batch = build_batch([prompt_ids[i] for i in idx], comps, tok.pad_token_id)
             if cfg.mask_truncated_completions:  # cut at max_tokens: no loss on them (their rewards still count)
                 cut = torch.tensor([c.finish_reason == "length" for c in comps])
                 batch["completion_mask"][cut] = 0.0
-            batch, adv = to_device(batch, device), adv.to(device)
+            batch = to_device(batch, device)
             B = len(comps)
             micro = micro_slices(B, cfg.micro_batch_size)
             t_ref = time.perf_counter()
@@ -178,6 +186,12 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 t_old = time.perf_counter()
                 old_lp = torch.cat([policy_logprobs(local, batch, m, sp.temperature, replay=cfg.routing_replay)[0]
                                     for m in micro]) if cfg.num_iterations > 1 else None
+            if scored is not None:  # the draw's groups, in its prompt order: comps and idx are unchanged
+                _, _, totals, per = dynamic.flatten(scored.result())
+            per = PerReward(per)
+            per.counts = counts
+            rewards_t = torch.tensor(totals)
+            adv = algo.group_advantages(rewards_t, G, cfg.advantage_scale).to(device)
             t_update = time.perf_counter()
             timers.update({"time/ref": t_old - t_ref, "time/old": t_update - t_old})
             agg: dict[str, float] = {"nonfinite/skipped": 0.0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from grpo.data.synthetic import arithmetic_rows
@@ -31,3 +32,15 @@ def tiny_checkpoint(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0
 def length_reward(completions, **kwargs):
     """A reward with spread on an untrained model (so GRPO has a signal): prefer ~20-character completions."""
     return [-abs(20 - len(c)) / 20 for c in completions]
+
+
+REF_STARTED = threading.Event()  # set by a test's forward hook when the frozen KL reference runs a forward
+REWARD_CALLS: list[tuple[str, bool]] = []
+
+
+def waits_for_reference_pass(completions, **kwargs):
+    """A reward that returns once the KL reference has started a forward in this step (REF_STARTED), recording the
+    thread it ran on and whether that happened; scored before the reference pass (no overlap) it would time out."""
+    REWARD_CALLS.append((threading.current_thread().name, REF_STARTED.wait(timeout=30)))
+    REF_STARTED.clear()
+    return [float(len(c)) for c in completions]

@@ -10,6 +10,7 @@ import torch
 
 from grpo import trainer
 from grpo.config import GRPOConfig
+from tests import helpers
 from tests.helpers import tiny_checkpoint
 
 _CALLS = {"n": 0}
@@ -96,3 +97,23 @@ def test_resume_with_reference_reset_is_exact(base, tmp_path):
     a, b = AutoModelForCausalLM.from_pretrained(straight), AutoModelForCausalLM.from_pretrained(resumed)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     assert [r["kl"] for r in _rows(tmp_path / "straight")][2:] == [r["kl"] for r in _rows(tmp_path / "resumed")][2:]
+
+
+
+def test_rewards_are_scored_while_the_reference_pass_runs(base, tmp_path):
+    def on_forward(module, args):
+        params = list(module.parameters(recurse=False))
+        if params and not any(p.requires_grad for p in params):  # only the frozen reference has such modules
+            helpers.REF_STARTED.set()
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
+    try:
+        trainer.train(_cfg(rewards=[{"name": "tests.helpers:waits_for_reference_pass"}]), str(base),
+                      tmp_path / "run")
+    finally:
+        handle.remove()
+    seen = helpers.REWARD_CALLS
+    assert len(seen) == 3, seen  # one scoring per step
+    assert all(name.startswith("r1kit-rewards") and started for name, started in seen), seen
+    rows = [r for r in _rows(tmp_path / "run") if "reward" in r]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
