@@ -5,8 +5,10 @@ and metric logging (metrics.jsonl, truncated to the checkpoint on resume; tensor
 The `runtime` section of every stage config lands here too: the stage's device, the weights' dtype, bf16 autocast,
 a reference/teacher dtype, gradient checkpointing and a LoRA adapter through peft.
 
-Simplifications: scale-out is DDP (accelerate) for GRPO only, FSDP2/ZeRO are not wired yet; fp16 autocast is not
-offered (it needs loss scaling); with LoRA a checkpoint's merged weights come from a temporary merged copy.
+Scale-out (`runtime.distributed`): DDP through accelerate, or FSDP2 (torch's fully_shard on each decoder layer, then
+on the module that runs the whole loss forward), for SFT and GRPO, on accelerate's process group (gloo on CPU).
+Simplifications: ZeRO is not wired; FSDP2 without LoRA only; fp16 autocast is not offered (it needs loss scaling);
+with LoRA a checkpoint's merged weights come from a temporary merged copy.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ def make_optimizer(model, cfg: OptimFields, total_steps: int):
 def optimizer_step(model, opt, sched, max_grad_norm: float) -> torch.Tensor:
     """After backward: clip the gradient norm, step the optimizer and the schedule, clear the gradients, and update
     r1kit's DeepSeek router bias (aux-loss-free balancing, once per step); returns the norm before clipping."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -257,10 +259,11 @@ class Trackers:
         self.close()
 
 
-def distributed(module, opt):
-    """Under torchrun: (DDP-wrapped module, optimizer, rank, world size) through accelerate; else unchanged.
-    Gradients all-reduce only for parameters used inside the wrapped module's forward: wrap the module that runs
-    the whole loss forward, never call its inner model directly for the loss."""
+def distributed(module, opt, kind: str = "auto"):
+    """Under torchrun: (wrapped module, optimizer, rank, world size) on accelerate's process group; else unchanged
+    (every `kind` is a no-op in one process). auto/ddp: DDP; fsdp2: shard_fsdp2. Gradients are reduced only for
+    parameters used inside the wrapped module's forward: wrap the module that runs the whole loss forward, never
+    call its inner model directly for the loss."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return module, opt, 0, 1
     from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -268,8 +271,121 @@ def distributed(module, opt):
     # unused parameters are normal here: MTP heads and experts that got no token in a step
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if kind == "fsdp2":
+        # accelerate 1.15's own FSDP plugin is not used: with Accelerator(cpu=True,
+        # fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2)) under torchrun on CPU, distributed_type stays
+        # MULTI_CPU and prepare() silently returns a DDP module (seen here), so fully_shard is called directly
+        return shard_fsdp2(module, opt, acc.device), opt, acc.process_index, acc.num_processes
     module, opt = acc.prepare(module, opt)
     return module, opt, acc.process_index, acc.num_processes
+
+
+def decoder_layers(module) -> list:
+    """The decoder layers of the causal LM inside `module` (a TokenLogprobs scorer, an SFT loss module, or the LM):
+    the first ModuleList named `layers` (HF's and r1kit's backbone.layers; MTP heads stay in the root unit)."""
+    for name, m in module.named_modules():
+        if name.rsplit(".", 1)[-1] == "layers" and isinstance(m, torch.nn.ModuleList):
+            return list(m)
+    raise ValueError(f"runtime.distributed: fsdp2 found no decoder layers in {type(module).__name__}")
+
+
+def shard_fsdp2(module, opt, device: torch.device):
+    """FSDP2 in place: fully_shard each decoder layer, then `module` as the root unit (it holds the embedding, final
+    norm and head: the fused log-prob reads head.weight directly, inside the root's forward, so it is unsharded
+    there). The optimizer is re-pointed at the sharded (DTensor) parameters; it must hold no state yet."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if opt is not None and opt.state:
+        raise ValueError("runtime.distributed: fsdp2 cannot resume a DDP or one-process checkpoint's optimizer state "
+                         "(its trainer_state holds whole tensors); resume with the distributed setting it was saved with")
+    if any(hasattr(m, "update_expert_bias") for m in module.modules()):
+        # its router-bias update reads each rank's own expert loads, and its save_pretrained writes its own tensors
+        raise ValueError("runtime.distributed: fsdp2 does not support r1kit's DeepSeek MoE model yet; use ddp")
+    names = {id(p): n for n, p in module.named_parameters()}
+    for t in module.state_dict().values():  # every rank shards rank 0's weights (DDP broadcasts them too)
+        torch.distributed.broadcast(t, 0)
+    mesh = init_device_mesh(device.type, (int(os.environ["WORLD_SIZE"]),))
+    for layer in decoder_layers(module):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    # the root must run FSDP's lazy init first: GRPO's sampler calls the layers (not the root) before any loss
+    # forward, and a layer whose forward runs first would make itself the root (a private call, no public one)
+    fully_shard.state(module)._lazy_init()
+    sharded = dict(module.named_parameters())
+    if opt is not None:
+        for group in opt.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+    return module
+
+
+def is_fsdp2(module) -> bool:
+    """True when the module's parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_'s result as a plain tensor (under FSDP2 it is a replicated DTensor: the global norm)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def full_state_dict(model, rank0_only: bool = False) -> dict:
+    """The model's full (unsharded) state dict: under FSDP2 gathered by every rank (a collective; with rank0_only,
+    on the CPU of rank 0 alone, the others get {}); else model.state_dict()."""
+    if not is_fsdp2(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
+
+
+class GatheredForGeneration:
+    """A RolloutWorker around one that runs the FSDP2 policy itself (native): the first generate of a step
+    all-gathers every FSDP unit (unshard, one collective per unit, on every rank) and keeps it whole, so no
+    collective runs inside generation (ranks may sample different numbers of tokens); sleep(), which every rank
+    calls once after sampling, reshards. The same idea as TRL's ds3_gather_for_generation."""
+
+    def __init__(self, worker, root):
+        from torch.distributed.fsdp import FSDPModule
+
+        self.worker, self.root = worker, root
+        self.units = [m for m in root.modules() if isinstance(m, FSDPModule)]  # root first, then the layers
+        self.gathered = False
+
+    def generate(self, *args, **kwargs):
+        if not self.gathered:
+            for u in self.units:
+                if u is not self.root:  # the root never reshards after forward anyway
+                    u.set_reshard_after_forward(False, recurse=False)
+                u.unshard()
+            self.gathered = True
+        return self.worker.generate(*args, **kwargs)
+
+    def sleep(self) -> None:
+        if self.gathered:
+            for u in self.units:
+                u.reshard()
+                if u is not self.root:
+                    u.set_reshard_after_forward(True, recurse=False)
+            self.gathered = False
+        self.worker.sleep()
+
+    def __getattr__(self, name):
+        return getattr(self.worker, name)
+
+
+def for_generation(worker, scorer):
+    """`worker`, or under FSDP2 (native sampler) a GatheredForGeneration around it; vLLM under FSDP2 is refused
+    (its weight push reads the policy's parameters, which are shards there)."""
+    if not is_fsdp2(scorer):
+        return worker
+    from grpo.rollout.native import NativeWorker
+
+    if not isinstance(worker, NativeWorker):
+        raise ValueError("rollout: runtime.distributed fsdp2 needs rollout: native (vLLM weight sync is not sharded)")
+    return GatheredForGeneration(worker, scorer)
 
 
 def reduce_metrics(metrics: dict[str, float], world: int) -> dict[str, float]:
@@ -290,8 +406,9 @@ def reduce_metrics(metrics: dict[str, float], world: int) -> dict[str, float]:
 
 
 def check_replicas(model, world: int, what: str = "training") -> None:
-    """DDP must leave every rank with the same weights; fail loudly rather than save one rank's drift."""
-    if world == 1:
+    """DDP must leave every rank with the same weights; fail loudly rather than save one rank's drift. Skipped under
+    FSDP2, where each rank holds different shards."""
+    if world == 1 or is_fsdp2(model):
         return
     import torch.distributed as dist
 

@@ -3,6 +3,10 @@ model's checkpoint holds its merged weights (what vLLM and the next stage load) 
 
 Everything is written into a temporary sibling directory and renamed into place, so a crash or kill leaves
 either the previous checkpoint or the new one, never half of one.
+
+Multi-process: every rank calls save(); rank 0 writes. Under FSDP2 the HF weights are the full consolidated ones
+(gathered to rank 0's CPU) and trainer_state/ also holds one file per rank, rank{r}.pt: that rank's optimizer shard
+and RNG (load_shard restores them after sharding, so a resumed FSDP2 run continues exactly as an uninterrupted one).
 """
 
 from __future__ import annotations
@@ -38,8 +42,40 @@ def atomic_dir(final: Path, write) -> Path:
     return final
 
 
+def _dist() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
 def save(final: Path, model, tokenizer, state: dict | None = None, optimizer=None, scheduler=None) -> Path:
-    """HF checkpoint at `final`; with `state`, also trainer_state/ (optimizer, scheduler, RNG, step, cursor)."""
+    """HF checkpoint at `final`; with `state`, also trainer_state/ (optimizer, scheduler, RNG, step, cursor).
+    Call it on every rank: rank 0 writes; under FSDP2 every rank first joins the weight gather and writes its
+    optimizer shard, which rank 0 moves into trainer_state/ before the rename."""
+    from grpo.accel import full_state_dict, is_fsdp2
+
+    rank, world = _dist()
+    sharded = world > 1 and is_fsdp2(model)
+    if not sharded and rank != 0:
+        return Path(final)
+    full = full_state_dict(model, rank0_only=True) if sharded else None  # collective; {} on ranks > 0
+    staged = Path(final).parent / f".{Path(final).name}.rank{rank}.pt"
+    if sharded and state is not None:
+        Path(final).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(_shard_state(optimizer), staged.with_suffix(".tmp"))
+        os.replace(staged.with_suffix(".tmp"), staged)
+    if sharded:
+        import torch.distributed as dist
+
+        dist.barrier()  # every shard is staged before rank 0 moves them into the new checkpoint
+        if rank != 0:
+            return Path(final)
+        seen: set[int] = set()  # tied weights (embedding = head) gathered under each name: keep the first, as HF does
+        for k, v in model.state_dict(keep_vars=True).items():
+            if id(v) in seen:
+                full.pop(k, None)
+            seen.add(id(v))
 
     def write(tmp: Path):
         if hasattr(model, "merge_and_unload"):  # peft LoRA: adapter/ (peft loads it) + the merged full model
@@ -48,19 +84,63 @@ def save(final: Path, model, tokenizer, state: dict | None = None, optimizer=Non
             merged.save_pretrained(tmp, safe_serialization=True)
             del merged
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full} if sharded else {}))
         tokenizer.save_pretrained(tmp)
         if state is not None:
             ts = tmp / "trainer_state"
             ts.mkdir()
             torch.save({
                 "state": state,
-                "optimizer": optimizer.state_dict() if optimizer else None,
+                "optimizer": optimizer.state_dict() if optimizer and not sharded else None,
                 "scheduler": scheduler.state_dict() if scheduler else None,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+                "world_size": world if sharded else None,
             }, ts / "state.pt")
+            for r in range(world if sharded else 0):
+                os.replace(staged.with_name(f".{Path(final).name}.rank{r}.pt"), ts / f"rank{r}.pt")
 
     return atomic_dir(final, write)
+
+
+def _shard_state(optimizer) -> dict:
+    """This rank's optimizer state with DTensors as their local shards, plus its RNG (torch, Python, numpy)."""
+    sd = optimizer.state_dict() if optimizer is not None else None
+    if sd is not None:
+        sd["state"] = {k: {n: v.to_local() if hasattr(v, "to_local") else v for n, v in st.items()}
+                       for k, st in sd["state"].items()}
+    return {"optimizer": sd,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}}
+
+
+def load_shard(path: Path, optimizer) -> bool:
+    """Under FSDP2, after sharding: restore this rank's optimizer shard and RNG from `path`/trainer_state/rank{r}.pt;
+    False when the checkpoint has no per-rank files (a one-process or DDP checkpoint)."""
+    from torch.distributed.tensor import DTensor
+
+    rank, world = _dist()
+    ts = Path(path) / "trainer_state"
+    f = ts / f"rank{rank}.pt"
+    if not f.is_file():
+        return False
+    saved = torch.load(ts / "state.pt", weights_only=False).get("world_size")
+    if saved != world:
+        raise ValueError(f"{path}: an FSDP2 checkpoint of {saved} processes cannot resume on {world}")
+    if optimizer is not None and not any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(f"{path}: an FSDP2 checkpoint (per-rank optimizer shards) resumes only under "
+                         f"runtime.distributed: fsdp2")
+    blob = torch.load(f, weights_only=False)
+    if optimizer is not None and blob["optimizer"] is not None:
+        optimizer.load_state_dict(blob["optimizer"])
+        for group in optimizer.param_groups:  # local shards back into DTensors shaped like their parameters
+            for p in group["params"]:
+                for n, v in optimizer.state.get(p, {}).items():
+                    if isinstance(p, DTensor) and not isinstance(v, DTensor) and v.dim() > 0:
+                        optimizer.state[p][n] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
+                                                                   shape=p.shape, stride=p.stride())
+    torch.set_rng_state(blob["rng"]["torch"])
+    random.setstate(blob["rng"]["python"])
+    np.random.set_state(blob["rng"]["numpy"])
+    return True
 
 
 def load_state(path: Path, optimizer=None, scheduler=None) -> dict | None:

@@ -103,6 +103,15 @@ class RuntimeConfig(Strict):
     reference_dtype: Literal["same", "float32", "bfloat16", "float16"] = "same"  # the frozen reference / teacher
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
     lora: LoRAConfig | None = None
+    # under torchrun: auto = DDP when WORLD_SIZE > 1; ddp; fsdp2 = FSDP2 fully_shard per decoder layer + the loss
+    # module. In one process every choice is a no-op (nothing to shard over), see docs/runtime.md
+    distributed: Literal["auto", "ddp", "fsdp2"] = "auto"
+
+    @model_validator(mode="after")
+    def _fsdp2_lora(self):
+        if self.distributed == "fsdp2" and self.lora is not None:
+            raise ValueError("runtime.distributed: fsdp2 with runtime.lora is not supported (use ddp)")
+        return self
 
     @field_validator("device")
     @classmethod

@@ -6,7 +6,10 @@ recipe's pretraining depends on it; a resumed run fast-forwards the stream). Wit
 `max_length` tokens whose positions restart at 0 per example and whose attention never crosses examples, so the
 loss (mean over all labelled tokens of the step) equals the unpacked one; only the padding shrinks.
 
-Simplifications: one process (no DDP yet); `batch_size` counts examples per step, packed or not, so the tokens
+Data parallel under torchrun (runtime.distributed: DDP or FSDP2): `batch_size` stays the global batch, each rank
+takes its contiguous share of each step's examples, and each rank's loss is weighted by its share of the step's
+labelled tokens (all-reduced), so the update is the one-process token mean over the global batch; rank 0 logs and
+saves. Simplifications: `batch_size` counts examples per step, packed or not, so the tokens
 per step vary; examples longer than `max_length` are cut, never split across rows; the DeepSeek model's
 sequence-wise balance loss (aux_loss_alpha > 0) treats a packed row as one sequence. The loss is on completion
 tokens only unless `loss_on: all`. Prompt and completion are tokenized separately and joined, so the model
@@ -15,9 +18,11 @@ learns exactly the token boundary it will see when it samples after the prompt.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import math
+import os
 import random
 import time
 from functools import lru_cache
@@ -25,10 +30,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from torch import nn
 
 from grpo import checkpoint
-from grpo.accel import (active_params, autocast, load_trainable, make_optimizer, open_metrics, optimizer_step, prepare_trainable,
-                        progress, seed_everything, stage_device, to_device)
+from grpo.accel import (active_params, autocast, barrier, check_replicas, distributed, load_trainable, make_optimizer,
+                        open_metrics, optimizer_step, prepare_trainable, progress, seed_everything, stage_device,
+                        to_device)
 from grpo.config import ConfigError, SFTConfig, TokenizerConfig
 from grpo.data import DataError, load_rows
 from grpo.data.tokenizer import train_bpe
@@ -182,8 +189,9 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """(summed next-token NLL, labelled-token count) of the main head only (no MTP or balance terms)."""
+def nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed next-token NLL as a float64 tensor, labelled-token count) of the main head only (no MTP or balance
+    terms), without gradient."""
     model = unwrap(model)
     ids, attn, pos = batch["input_ids"], batch.get("attention_mask"), _positions(batch)
     targets = batch["labels"][:, 1:].flatten()  # [B*(L-1)]
@@ -194,19 +202,50 @@ def nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     else:
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, :-1].flatten(0, 1)
         total = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum").double()
-    return total.item(), int((targets >= 0).sum())
+    return total, int((targets >= 0).sum())
 
 
+class LossModule(nn.Module):
+    """The SFT losses as one module's forward, so that DDP / FSDP2 wrap all of it (lm_loss reads the head weight
+    directly, which must happen inside the wrapped forward). forward(batch) -> lm_loss; nll=True -> nll_sum."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, nll: bool = False):
+        return nll_sum(self.model, batch) if nll else lm_loss(self.model, batch)
+
+
+def labelled(batch: dict) -> int:
+    """Labelled next-token targets of a batch (what lm_loss averages over)."""
+    return int((batch["labels"][:, 1:] >= 0).sum())
+
+
+def all_sum(x: float, world: int) -> float:
+    """The sum of x over ranks (float64 all-reduce), x itself in one process."""
+    if world == 1:
+        return x
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
+@torch.no_grad()
 def eval_loss(model, pairs, pad_id: int, cfg: SFTConfig) -> float:
-    """Mean next-token NLL over every labelled token of the held-out examples, in eval mode."""
-    model.eval()
+    """Mean next-token NLL over every labelled token of the held-out examples, in eval mode. `model`: the LM or its
+    (wrapped) LossModule; every rank evaluates all of them (the wrapped forward has collectives)."""
+    module = model if isinstance(model, (LossModule, nn.parallel.DistributedDataParallel)) else LossModule(model)
+    module.eval()
     total, count = 0.0, 0
     for s in range(0, len(pairs), cfg.batch_size):
         batch = to_device(make_batch(pairs[s: s + cfg.batch_size], pad_id, cfg), stage_device(cfg.runtime))
         with autocast(cfg.runtime):
-            t, n = nll_sum(model, batch)
-        total, count = total + t, count + n
-    model.train()
+            t, n = module(batch, nll=True)
+        total, count = total + t.item(), count + n
+    module.train()
     return total / max(count, 1)
 
 
@@ -296,8 +335,16 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
     if resuming:
         state = checkpoint.load_state(last, opt, sched)
         start, spent = state["step"], state.get("compute", spent)
-        console.print(f"\\[sft] resumed from {last} at step {start}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            console.print(f"\\[sft] resumed from {last} at step {start}")
     n_active = active_params(model)
+    # the loss module goes to DDP / FSDP2 (its forward is the whole loss); `model` stays the plain LM for saving
+    wrapped, opt, rank, world = distributed(LossModule(model), opt, rt.distributed)
+    if resuming:
+        checkpoint.load_shard(last, opt)  # FSDP2: this rank's optimizer shard and RNG (a no-op otherwise)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must divide evenly over {world} processes")
+    main = rank == 0
     # `epochs`: shuffled passes, every example once per epoch. `steps`: rows drawn with replacement from one seeded
     # stream, as r1kit's SFT always has (the built-in recipe's pretraining is tuned to it), fast-forwarded on resume
     draw = random.Random(cfg.seed)
@@ -307,33 +354,48 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
     pad = tokenizer.pad_token_id
     device = stage_device(rt)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.train()
-    with open_metrics(out_dir / "metrics.jsonl", start) as log, progress(console) as bar:
-        task = bar.add_task("sft", total=total, completed=start, info="")
+    wrapped.train()
+    with open_metrics(out_dir / "metrics.jsonl", start, main) as log, \
+            progress(console) if main else contextlib.nullcontext() as bar:
+        task = bar.add_task("sft", total=total, completed=start, info="") if main else None
         for step in range(start, total):
             t0 = time.perf_counter()
             idx = (batch_indices(step, len(pairs), cfg.batch_size, cfg.seed, limit) if cfg.epochs is not None
                    else [draw.randrange(len(pairs)) for _ in range(cfg.batch_size)])
-            batch = make_batch([pairs[i] for i in idx], pad, cfg)
+            mine = idx[rank * len(idx) // world: (rank + 1) * len(idx) // world]  # this rank's share of the global batch
+            if not mine:
+                raise ValueError(f"sft step {step + 1}: {len(idx)} examples left cannot feed {world} processes")
+            batch = make_batch([pairs[i] for i in mine], pad, cfg)
+            # token mean over the GLOBAL batch: this rank's mean weighted by its token share, x world because the
+            # DDP / FSDP2 gradient reduction averages over ranks
+            n_mine = labelled(batch)
+            n_all = all_sum(float(n_mine), world)
             with autocast(rt):
-                loss = lm_loss(model, to_device(batch, device))
-            loss.backward()
+                loss = wrapped(to_device(batch, device))
+            (loss * (n_mine * world / n_all)).backward()
             grad_norm = optimizer_step(model, opt, sched, cfg.max_grad_norm)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"sft step {step + 1}: loss is {loss.item()}")
-            m = {"step": step + 1, "epoch": (step * cfg.batch_size + len(idx)) / len(pairs), "loss": loss.item(),
+            loss_value = all_sum(loss.item() * n_mine, world) / n_all
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"sft step {step + 1}: loss is {loss_value}")
+            m = {"step": step + 1, "epoch": (step * cfg.batch_size + len(idx)) / len(pairs), "loss": loss_value,
                  "grad_norm": grad_norm.item(), "learning_rate": sched.get_last_lr()[0], "examples": len(idx),
-                 "tokens": batch["tokens"], "padded_tokens": batch["padded_tokens"]}
+                 "tokens": int(all_sum(batch["tokens"], world)),
+                 "padded_tokens": int(all_sum(batch["padded_tokens"], world)), "num_processes": world}
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
-                m["eval_loss"] = eval_loss(model, eval_pairs, pad, cfg)
+                m["eval_loss"] = eval_loss(wrapped, eval_pairs, pad, cfg)
             m["step_time"] = time.perf_counter() - t0
-            spent["flops"] += 6 * n_active * batch["tokens"]  # forward + backward over the real tokens
+            spent["flops"] += 6 * n_active * m["tokens"]  # forward + backward over the real tokens
             spent["seconds"] += m["step_time"]
             m["compute/flops"], m["compute/seconds"] = spent["flops"], spent["seconds"]
             log.write(json.dumps(m) + "\n")
             log.flush()
-            bar.update(task, advance=1, info=f"loss {m['loss']:.3f}")
+            if main:
+                bar.update(task, advance=1, info=f"loss {m['loss']:.3f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                check_replicas(model, world, "SFT")
                 checkpoint.save(last, model, tokenizer, {"step": step + 1, "cursor": (step + 1) * cfg.batch_size,
-                                                        "compute": dict(spent)}, opt, sched)
-    return checkpoint.save(out_dir / "final", model, tokenizer)
+                                                        "compute": dict(spent)}, opt, sched)  # every rank: rank 0 writes
+    check_replicas(model, world, "SFT")
+    final = checkpoint.save(out_dir / "final", model, tokenizer)  # every rank: FSDP2 gathers the full weights
+    barrier(world)  # no rank returns before the checkpoint is in place
+    return final

@@ -2,9 +2,10 @@
 clipped-ratio policy-gradient step with a k3 KL penalty against a frozen reference; then sync the sampler.
 
 Log-probs come from the policy's hidden states through fused_logprob (grpo/logprobs.py: no [b, Lc, V] logits).
-Data parallel: under `torchrun` (WORLD_SIZE > 1) accelerate wraps that scorer module, policy inside, in DDP, so
-the loss forward runs through DDP and the gradients are averaged; `prompts_per_step` is the global batch, split
-evenly over ranks, each rank samples and scores whole groups of its own prompts, and rank 0 logs and saves.
+Data parallel: under `torchrun` (WORLD_SIZE > 1) accelerate wraps that scorer module, policy inside, in DDP (or
+FSDP2 shards it: runtime.distributed), so the loss forward runs through the wrapper and the gradients are averaged;
+`prompts_per_step` is the global batch, split evenly over ranks, each rank samples and scores whole groups of its
+own prompts, and rank 0 logs and saves.
 Loss types, importance sampling (token / sequence), TIS and the clipped variants are grpo.algo's registry; dynamic
 sampling (drop groups whose rewards agree, draw more prompts) is grpo/dynamic.py; without it the rewards are scored on
 a helper thread while the reference pass runs; metrics go through
@@ -32,8 +33,8 @@ import rewards as reward_lib
 from rewards.runner import PerReward
 from grpo import algo, checkpoint, dynamic
 from grpo.accel import (Trackers, active_params, adapter_disabled, autocast, barrier, check_replicas, distributed, frozen_copy,
-                        load_trainable, make_optimizer, progress, reduce_metrics, seed_everything, stage_device,
-                        to_device)
+                        for_generation, full_norm, full_state_dict, is_fsdp2, load_trainable, make_optimizer, progress,
+                        reduce_metrics, seed_everything, stage_device, to_device)
 from grpo.config import GRPOConfig
 from grpo.data import load_rows
 from grpo.logprobs import TokenLogprobs, build_batch, micro_slices, policy_logprobs
@@ -105,7 +106,12 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
     # the KL reference: the frozen copy, or under LoRA the policy itself with its adapter disabled
     ref_scorer, ref_context = ((ref, contextlib.nullcontext) if ref is not None
                                else (local, lambda: adapter_disabled(policy)))
-    scorer, opt, rank, world = distributed(local, opt)  # DDP wraps the scorer: its forward is what backward runs
+    # DDP wraps the scorer, or FSDP2 shards it (root unit) and its layers: its forward is what backward runs
+    scorer, opt, rank, world = distributed(local, opt, rt.distributed)
+    if start > 0:
+        checkpoint.load_shard(last, opt)  # FSDP2: this rank's optimizer shard and RNG (a no-op otherwise)
+    if is_fsdp2(scorer) and cfg.dynamic_sampling:  # ranks would run different numbers of sharded forwards
+        raise ValueError("dynamic_sampling: not supported with runtime.distributed fsdp2")
     if cfg.prompts_per_step % world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide evenly over {world} processes")
     main = rank == 0
@@ -113,6 +119,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
         raise ValueError(f"routing_replay: {model_path} is not r1kit's DeepSeek MoE model (no routed experts)")
     worker = make_worker(cfg.rollout, policy, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                          seed=cfg.seed, record_routing=cfg.routing_replay)
+    worker = for_generation(worker, scorer)  # FSDP2: generate on unsharded weights, no collective inside
     if start > 0:
         worker.update_weights(policy)  # the module: parameters plus persistent buffers (MoE router bias)
     prompts = [render(cfg.template, r["prompt"], tok, **{k: v for k, v in r.items() if k != "prompt"}) for r in rows]
@@ -198,7 +205,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             for _ in range(cfg.num_iterations):
                 for k, v in backward_batch(scorer, batch, adv, old_lp, ref_lp, cfg).items():
                     agg[k] = agg.get(k, 0.0) + v / cfg.num_iterations
-                grad_norm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
+                grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm))
                 if not torch.isfinite(grad_norm):  # the same on every rank (after the all-reduce): all skip
                     opt.zero_grad(set_to_none=True)
                     agg["nonfinite/skipped"] += 1.0
@@ -215,7 +222,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 raise FloatingPointError(f"grpo step {step + 1}: the gradient was not finite in {nonfinite} steps in "
                                          f"a row (updates skipped); lower learning_rate or check the rewards")
             if ref is not None and cfg.ref_reset_every and (step + 1) % cfg.ref_reset_every == 0:
-                ref.lm.load_state_dict(policy.state_dict())  # R1: the reference becomes the current policy
+                ref.lm.load_state_dict(full_state_dict(policy))  # R1: the reference becomes the current policy
             timers["time/update"] = time.perf_counter() - t_update
             # 4. push the new weights to the sampler (a no-op for the native engine, which shares them)
             t_sync = time.perf_counter()
@@ -251,15 +258,13 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 bar.update(task, advance=1, info=f"reward {metrics['reward']:.3f} format {fmt:.2f} len {metrics['completions/mean_length']:.0f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 check_replicas(policy, world, "GRPO")
-                if main:
-                    state = {"step": step + 1, "cursor": cursor, "compute": dict(spent)}
-                    if ref is not None and cfg.ref_reset_every:
-                        state["reference"] = ref.lm.state_dict()
-                    checkpoint.save(last, policy, tok, state, opt, sched)
+                state = {"step": step + 1, "cursor": cursor, "compute": dict(spent)}
+                if ref is not None and cfg.ref_reset_every:
+                    state["reference"] = ref.lm.state_dict()
+                checkpoint.save(last, policy, tok, state, opt, sched)  # every rank: rank 0 writes
     check_replicas(policy, world, "GRPO")
     final = out_dir / "final"
-    if main:
-        checkpoint.save(final, policy, tok)
+    checkpoint.save(final, policy, tok)  # every rank: FSDP2 gathers the full weights to rank 0
     barrier(world)  # no rank returns before the checkpoint is in place
     if hasattr(worker, "close"):
         worker.close()

@@ -1,0 +1,70 @@
+"""Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2`: the same SFT and GRPO runs under DDP and FSDP2, an
+FSDP2 SFT and GRPO resume, and FSDP2's per-rank parameter counts; the test compares the checkpoints this writes.
+
+usage: torchrun --nproc_per_node 2 tests/fsdp_script.py BASE_CHECKPOINT OUT_DIR
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from grpo import accel, sft, trainer
+from grpo.config import SFTConfig, load_stage
+from grpo.logprobs import TokenLogprobs
+from grpo.models import hf
+
+
+def sft_config(kind: str, steps: int = 4) -> SFTConfig:
+    """A few SFT steps on the synthetic arithmetic task, global batch 8 (4 per rank), a checkpoint and a held-out
+    loss every 2 steps."""
+    return SFTConfig.model_validate({"data": {"num_examples": 64}, "template": "r1_zero", "steps": steps, "batch_size": 8,
+                                     "learning_rate": 1e-3, "save_every": 2, "eval_fraction": 0.1, "eval_every": 2,
+                                     "runtime": {"distributed": kind}})
+
+
+def grpo_config(base: str, kind: str):
+    """The DDP test's GRPO run (tests/test_grpo_ddp.py), with a KL reference (beta 0.04) and a reference reset."""
+    overrides = [f"grpo.model={base}", "grpo.data.num_examples=32", "grpo.group_size=4", "grpo.prompts_per_step=4",
+                 "grpo.steps=3", "grpo.save_every=2", "grpo.sampling.max_tokens=12", "grpo.learning_rate=1e-3",
+                 "grpo.micro_batch_size=3", "grpo.ref_reset_every=2", f"grpo.runtime.distributed={kind}",
+                 "grpo.rewards=[{name: accuracy}, {name: format}, {name: 'tests.helpers:length_reward'}]"]
+    return load_stage("grpo", "recipes/r1-zero-tiny.yaml", overrides)[0]
+
+
+def main(base: str, out: Path) -> None:
+    quiet = Console(quiet=True)
+    for kind in ("ddp", "fsdp2"):
+        sft.train(sft_config(kind), base, out / f"sft_{kind}", quiet)
+    rank = int(torch.distributed.get_rank())
+    # resume: a fresh run directory holding only the FSDP2 run's step-2 checkpoint continues to step 4
+    if rank == 0:
+        shutil.copytree(out / "sft_fsdp2" / "last", out / "sft_resumed" / "last")
+    dist.barrier()
+    assert sorted(p.name for p in (out / "sft_resumed" / "last" / "trainer_state").iterdir()) == \
+        ["rank0.pt", "rank1.pt", "state.pt"]
+    sft.train(sft_config("fsdp2"), base, out / "sft_resumed", quiet)
+    for kind in ("ddp", "fsdp2"):
+        trainer.train(grpo_config(base, kind), base, out / f"grpo_{kind}", quiet)
+    if rank == 0:  # GRPO too: step 3 again from the FSDP2 run's step-2 checkpoint (reference reset at step 2)
+        shutil.copytree(out / "grpo_fsdp2" / "last", out / "grpo_resumed" / "last")
+    dist.barrier()
+    trainer.train(grpo_config(base, "fsdp2"), base, out / "grpo_resumed", quiet)
+    # per-rank parameter elements under FSDP2, on the scorer GRPO shards
+    model, _ = hf.load(base)
+    scorer, _, rank, world = accel.distributed(TokenLogprobs(model), None, "fsdp2")
+    local = sum(p.to_local().numel() for p in scorer.parameters())
+    total = sum(p.numel() for p in scorer.parameters())
+    counts = [None] * world
+    dist.all_gather_object(counts, local)
+    if rank == 0:
+        (out / "counts.json").write_text(json.dumps({"world": world, "total": total, "local": counts}))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -1,0 +1,127 @@
+"""FSDP2 against DDP and one process: a real 2-process gloo torchrun (tests/fsdp_script.py) runs SFT and GRPO under
+DDP and under FSDP2, resumes FSDP2 SFT and GRPO runs, and counts FSDP2's per-rank parameters; this test compares the
+checkpoints. Tolerance: fp32 weights, and the only difference between the runs is the order in which the
+gradient is summed (DDP's all-reduce of 2 rank gradients, FSDP2's reduce-scatter, one process summing all tokens in
+one backward): ~1e-7 relative per step. Adam divides by sqrt(v), so where a gradient entry is tiny its rounding
+passes on to the update: in one GRPO run a single down_proj weight differed by 4.6e-7 (6e-6 of the tensor's max)
+while the tensor's norm-relative difference was ~3e-7. The checks use each tensor's norm-relative difference
+||a - b|| / ||b|| < 1e-5 (30x the seen value; a wrong loss normalisation gives ~1e-3 and more).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from grpo import sft
+from grpo.config import RuntimeConfig
+from tests.fsdp_script import sft_config
+from tests.helpers import tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+RTOL = 1e-5  # see the module docstring
+
+
+def weights(d: Path) -> dict[str, torch.Tensor]:
+    """The safetensors weights of an HF checkpoint directory."""
+    return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def max_rel(a: dict, b: dict) -> float:
+    """max over tensors of ||a - b|| / ||b|| (the same keys in both)."""
+    assert sorted(a) == sorted(b)
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
+
+
+def max_abs(a: dict, b: dict) -> float:
+    """max over every element of |a - b| (printed beside max_rel)."""
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_fsdp2_matches_ddp_and_one_process(tmp_path):
+    base = tiny_checkpoint(tmp_path / "base")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/fsdp_script.py",
+                        str(base), str(out)], capture_output=True, text=True, cwd=REPO, env=env, timeout=400)
+    assert p.returncode == 0, p.stderr[-4000:]
+    start = weights(base)
+
+    # each rank holds about half of the parameters (the tied embedding/head counted once)
+    c = json.loads((out / "counts.json").read_text())
+    print(f"FSDP2 per-rank parameter elements: {c['local']} of {c['total']}")
+    assert c["world"] == 2 and len(c["local"]) == 2 and sum(c["local"]) == c["total"]
+    assert all(abs(n - c["total"] / 2) <= 0.03 * c["total"] / 2 for n in c["local"])
+
+    # SFT: DDP == FSDP2 == one process on the same global batch (8 examples: 4 per rank, or 8 in one)
+    one = sft.train(sft_config("auto"), str(base), tmp_path / "sft_one")
+    # fsdp2 in one process is a no-op: the same run, bit for bit
+    one_fsdp2 = weights(sft.train(sft_config("fsdp2"), str(base), tmp_path / "sft_one_fsdp2"))
+    assert all(torch.equal(v, weights(one)[k]) for k, v in one_fsdp2.items())
+    sft_w = {k: weights(d) for k, d in [("ddp", out / "sft_ddp" / "final"), ("fsdp2", out / "sft_fsdp2" / "final"),
+                                         ("one", one)]}
+    moved = max_rel(sft_w["one"], start)
+    diffs = {"fsdp2 vs ddp": max_rel(sft_w["fsdp2"], sft_w["ddp"]), "fsdp2 vs one": max_rel(sft_w["fsdp2"], sft_w["one"]),
+             "ddp vs one": max_rel(sft_w["ddp"], sft_w["one"])}
+    print(f"SFT max rel diff {diffs}; max abs diff fsdp2 vs ddp {max_abs(sft_w['fsdp2'], sft_w['ddp']):.3g}, "
+          f"fsdp2 vs one {max_abs(sft_w['fsdp2'], sft_w['one']):.3g}; weights moved by {moved:.3g} (rel)")
+    assert moved > 1000 * RTOL  # the runs trained: a difference below RTOL is not a no-op's
+    assert all(d < RTOL for d in diffs.values()), diffs
+    logs = {k: [json.loads(l) for l in (out / f"sft_{k}" / "metrics.jsonl").read_text().splitlines()]
+            for k in ("ddp", "fsdp2")}
+    one_log = [json.loads(l) for l in (tmp_path / "sft_one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["num_processes"] for r in logs["fsdp2"]] == [2] * 4
+    # the global-token-mean loss and the DTensor grad norm equal the DDP and one-process ones
+    for a, b in [(logs["fsdp2"], logs["ddp"]), (logs["fsdp2"], one_log)]:
+        for ra, rb in zip(a, b, strict=True):
+            assert abs(ra["loss"] - rb["loss"]) <= RTOL * rb["loss"]
+            assert abs(ra["grad_norm"] - rb["grad_norm"]) <= RTOL * rb["grad_norm"]
+            assert ra["tokens"] == rb["tokens"]
+            assert ("eval_loss" in ra) == ("eval_loss" in rb) and abs(ra.get("eval_loss", 0) - rb.get("eval_loss", 0)) \
+                <= RTOL * rb.get("eval_loss", 1)
+    assert [r["step"] for r in logs["fsdp2"] if "eval_loss" in r] == [2, 4]
+
+    # FSDP2 resume from the step-2 checkpoint (per-rank optimizer shards) continues bit-exactly
+    assert sorted(f.name for f in (out / "sft_fsdp2" / "last" / "trainer_state").iterdir()) == \
+        ["rank0.pt", "rank1.pt", "state.pt"]
+    resumed = weights(out / "sft_resumed" / "final")
+    assert all(torch.equal(resumed[k], sft_w["fsdp2"][k]) for k in resumed)
+    tail = [json.loads(l) for l in (out / "sft_resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"], r["grad_norm"], r.get("eval_loss")) for r in tail] == \
+        [(r["step"], r["loss"], r["grad_norm"], r.get("eval_loss")) for r in logs["fsdp2"][2:]]
+
+    # GRPO: 2-rank FSDP2 == 2-rank DDP (same seeds; sampling seeds depend on the rank), through a reference reset
+    g = {k: weights(out / f"grpo_{k}" / "final") for k in ("ddp", "fsdp2")}
+    g_moved = max_rel(g["ddp"], start)
+    g_diff = max_rel(g["fsdp2"], g["ddp"])
+    print(f"GRPO max rel diff fsdp2 vs ddp {g_diff:.3g}, max abs diff {max_abs(g['fsdp2'], g['ddp']):.3g}; "
+          f"weights moved by {g_moved:.3g} (rel)")
+    assert g_moved > 1000 * RTOL and g_diff < RTOL
+    gl = {k: [json.loads(l) for l in (out / f"grpo_{k}" / "metrics.jsonl").read_text().splitlines()]
+          for k in ("ddp", "fsdp2")}
+    for ra, rb in zip(gl["fsdp2"], gl["ddp"], strict=True):
+        assert ra["num_processes"] == 2 and ra["completions/mean_length"] == rb["completions/mean_length"]
+        assert abs(ra["grad_norm"] - rb["grad_norm"]) <= RTOL * rb["grad_norm"]
+    assert (out / "grpo_fsdp2" / "last" / "trainer_state" / "rank1.pt").is_file()
+    g_resumed = weights(out / "grpo_resumed" / "final")  # resumed at step 2: bit-exact
+    assert all(torch.equal(v, g["fsdp2"][k]) for k, v in g_resumed.items())
+    g_tail = [json.loads(l) for l in (out / "grpo_resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in g_tail] == \
+        [(r["step"], r["loss"], r["grad_norm"]) for r in gl["fsdp2"][2:]]
+    # the consolidated checkpoint is a plain HF directory with one copy of the tied embedding/head
+    assert sorted(g["fsdp2"]) == sorted(start)
+
+
+def test_distributed_config_errors():
+    """runtime.distributed takes auto | ddp | fsdp2; fsdp2 with LoRA is refused, naming the field."""
+    with pytest.raises(ValidationError, match="distributed"):
+        RuntimeConfig(distributed="zero3")
+    with pytest.raises(ValidationError, match="runtime.distributed: fsdp2 with runtime.lora"):
+        RuntimeConfig(distributed="fsdp2", lora={"r": 4})
+    assert RuntimeConfig().distributed == "auto"
