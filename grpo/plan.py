@@ -137,14 +137,18 @@ def memory_plan(sec, model: str, gpu_gib: float = 80.0) -> list[tuple[str, float
 # ---------------------------------------------------------------- the stand-in run
 
 
-def _stand_in(path: str, out: Path, tok_dir: Path) -> str:
+def _stand_in(path: str, out: Path, tok_dir: Path, full_size: bool = False) -> str:
     """A tiny checkpoint of the same architecture as `path` (model type, MLA/MoE routing, tying) on a locally
-    trained tokenizer; returns its directory."""
+    trained tokenizer; returns its directory. full_size: a transformers model at its real shape (random weights,
+    real vocabulary size), so a GPU check moves real-sized weights; r1kit's DeepSeek models stay tiny."""
     from grpo.models import hf
 
     cfg = real_config(path)
     tok = hf.load_tokenizer(str(tok_dir))
-    if cfg.get("model_type") in ("deepseek_v2", "deepseek_v3"):
+    if full_size and cfg.get("model_type") not in ("deepseek_v2", "deepseek_v3"):
+        model = _build(cfg, torch.bfloat16)  # bf16 on disk: each stage loads it in its runtime.dtype
+        model.config.pad_token_id, model.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    elif cfg.get("model_type") in ("deepseek_v2", "deepseek_v3"):
         from grpo.models import PRESETS
 
         ref = PRESETS[cfg["preset"]]() if cfg.get("preset") else None
@@ -166,11 +170,13 @@ def _stand_in(path: str, out: Path, tok_dir: Path) -> str:
     return str(out)
 
 
-def _shrunk(sec, models: dict[str, str]):
-    """The section for a one-step CPU run: stand-in models, synthetic data in place of the hub, fp32 on CPU,
-    native sampling, a handful of rows and tokens."""
-    cpu = {"device": "cpu", "dtype": "float32", "mixed_precision": "no", "reference_dtype": "same"}
-    update: dict = {"runtime": sec.runtime.model_copy(update=cpu)}
+def _shrunk(sec, models: dict[str, str], device: str = "cpu"):
+    """The section for a one-step run: stand-in models, synthetic data in place of the hub, a handful of rows and
+    tokens; on CPU fp32 with native sampling, on CUDA the recipe's own precision and sampler (vLLM included)."""
+    on_cpu = device == "cpu"
+    run = {"device": "cpu", "dtype": "float32", "mixed_precision": "no", "reference_dtype": "same"} if on_cpu \
+        else {"device": device}
+    update: dict = {"runtime": sec.runtime.model_copy(update=run)}
     if getattr(sec, "template", None) == "chat":  # the stand-ins' local tokenizer has no chat template
         update["template"] = "r1_zero"
     for field in ("model", "teacher", "tokenizer"):
@@ -185,8 +191,8 @@ def _shrunk(sec, models: dict[str, str]):
         update["benchmarks"] = {b: DataConfig(source="synthetic:arith", split="test", num_examples=4)
                                 for b in sec.benchmarks}
     small = {"steps": 1, "epochs": None, "batch_size": 4, "micro_batch_size": 4, "prompts_per_step": 2,
-             "group_size": 2, "samples_per_prompt": 2, "k": 2, "rollout": "native", "save_every": 0,
-             "eval_every": 0, "max_length": 128, "dynamic_sampling": None}
+             "group_size": 2, "samples_per_prompt": 2, "k": 2, "save_every": 0, "eval_every": 0, "max_length": 128,
+             "dynamic_sampling": None, **({"rollout": "native"} if on_cpu else {})}
     fields = type(sec).model_fields
     update.update({k: v for k, v in small.items() if k in fields})
     if "sampling" in fields:
@@ -200,8 +206,10 @@ def _shrunk(sec, models: dict[str, str]):
     return sec.model_copy(update=update)
 
 
-def dry_run(recipe: RecipeConfig, console: Console, gpu_gib: float = 80.0) -> None:
-    """Validate, run each stage one step on CPU with stand-ins, print the memory plan of every stage."""
+def dry_run(recipe: RecipeConfig, console: Console, gpu_gib: float = 80.0, device: str = "cpu",
+            full_size: bool = False) -> None:
+    """Validate, run each stage one step with stand-ins (on CPU, or on `device`: bench/gpu_check.sh runs every
+    GPU recipe so on CUDA, full_size for real-shaped weights), print each stage's timings and memory plan."""
     from grpo.data import load_rows
     from grpo.data.tokenizer import train_bpe
     from grpo.pipeline import resolve_refs
@@ -214,7 +222,8 @@ def dry_run(recipe: RecipeConfig, console: Console, gpu_gib: float = 80.0) -> No
         train_bpe(texts, 400).save_pretrained(str(tmp / "tok"))
         names = {v for s in recipe.stages for f in ("model", "teacher", "tokenizer")
                  if isinstance(v := getattr(recipe.sections[s], f, None), str) and not v.startswith("stage:")}
-        models = {name: _stand_in(name, tmp / f"model-{i}", tmp / "tok") for i, name in enumerate(sorted(names))}
+        models = {name: _stand_in(name, tmp / f"model-{i}", tmp / "tok", full_size)
+                  for i, name in enumerate(sorted(names))}
         dirs: dict[str, Path] = {}
         real: dict[str, str] = {}  # stage name -> the real model it trains or samples (for stage:NAME)
         current, current_real = None, None
@@ -224,10 +233,15 @@ def dry_run(recipe: RecipeConfig, console: Console, gpu_gib: float = 80.0) -> No
             if isinstance(model, str) and model.startswith("stage:"):
                 model = real.get(model[6:])
             plan = memory_plan(sec, model, gpu_gib) if model else []
-            small = resolve_refs(_shrunk(sec, models), dirs, name)
+            small = resolve_refs(_shrunk(sec, models, device), dirs, name)
             stage_dir = dirs[name] = tmp / "run" / f"{i:02d}-{name}"
             console.rule(f"[bold]dry run {i}: {name} ({sec.kind})")
             stage_runner(sec.kind)(small, small.model or current, stage_dir, console)
+            if (stage_dir / "metrics.jsonl").is_file():  # the step's phases (GPU checks quote them)
+                last = json.loads((stage_dir / "metrics.jsonl").read_text().splitlines()[-1])
+                timing = {k: round(v, 4) for k, v in last.items()
+                          if k.startswith(("time/", "rollout/weight_sync", "compute/seconds"))}
+                console.print(f"\\[dry-run] {name} timings: {timing}")
             real[name] = model
             if STAGES[sec.kind].chains:
                 current, current_real = str(stage_dir / "final"), model
@@ -241,5 +255,5 @@ def dry_run(recipe: RecipeConfig, console: Console, gpu_gib: float = 80.0) -> No
                 total = sum(g for _, g in plan)
                 table.add_row("total", f"{total:.2f}" + (" (over the GPU's memory)" if total > gpu_gib else ""))
                 console.print(table)
-        console.print(f"\\[dry-run] {recipe.name}: every stage built and ran one step on CPU stand-ins; "
+        console.print(f"\\[dry-run] {recipe.name}: every stage built and ran one step on {'CPU' if device == 'cpu' else device} stand-ins; "
                       f"plans assume {gpu_gib:.0f} GiB GPUs")

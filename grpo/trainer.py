@@ -229,6 +229,8 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             worker.wake()
             worker.update_weights(policy)  # the module: parameters plus persistent buffers (MoE router bias)
             t_sync = time.perf_counter() - t_sync
+            if getattr(worker, "last_sync_bytes", 0):  # a separate engine (vLLM): what the push moved, how fast
+                timers["rollout/weight_sync_mb_s"] = worker.last_sync_mb_s
             lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float)
             # FLOPs of this rank's step (2N per token forward, 6N forward + backward): sampling (each group's prompt
             # once, then its completions), the reference and old passes, the update(s)

@@ -45,4 +45,45 @@ def test_every_gpu_recipe_dry_runs_on_cpu(tmp_path, monkeypatch, capsys):
         assert "every stage built and ran one step on CPU stand-ins" in " ".join(out.split()), name
         assert "memory per GPU" in out
         assert "total" in out
+        assert "timings: {'" in out  # the training stages' seconds and phases, as bench/gpu_check.sh quotes them
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing where the real run would
+
+
+def test_full_size_stand_in_has_the_real_shapes(tmp_path):
+    """--full-size (for GPU checks) builds the real architecture with random weights: the same parameter count and
+    vocabulary as the checkpoint it stands in for, whatever the local tokenizer's size."""
+    from grpo.data.tokenizer import train_bpe
+    from grpo.models import hf
+    from grpo.plan import _stand_in
+    from tests.helpers import tiny_checkpoint
+
+    real = tiny_checkpoint(tmp_path / "real")
+    train_bpe(["1 + 2 = 3", "4 + 5 = 9"] * 20, 300).save_pretrained(str(tmp_path / "tok"))
+    full, _ = hf.load(_stand_in(str(real), tmp_path / "full", tmp_path / "tok", full_size=True))
+    tiny, _ = hf.load(_stand_in(str(real), tmp_path / "tiny", tmp_path / "tok"))
+    want, _ = hf.load(str(real))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(full) == count(want) and full.config.vocab_size == want.config.vocab_size
+    assert count(tiny) != count(want)
+
+
+def test_device_flags_are_for_dry_runs_only(capsys):
+    assert cli.main(["run", "r1-zero-tiny", "--device", "cuda"]) == 2
+    assert "--device/--full-size: only for --dry-run" in capsys.readouterr().err
+
+
+def test_gpu_check_covers_every_gpu_recipe_and_refuses_a_cpu(tmp_path):
+    """bench/gpu_check.sh names every recipe in recipes/gpu/ (one step of each stage on CUDA) and, where torch sees
+    no GPU, stops at once with one line saying so rather than running CPU stand-ins."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = (repo / "bench" / "gpu_check.sh").read_text()
+    assert {p.name for p in (repo / "recipes" / "gpu").glob("*.yaml")} <= {
+        w.rpartition("/")[2].rstrip(";") for w in script.split() if w.startswith("recipes/gpu/")}
+    r = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr, r.stderr[-500:]
