@@ -259,19 +259,22 @@ class Trackers:
         self.close()
 
 
-def distributed(module, opt, kind: str = "auto"):
-    """Under torchrun: (wrapped module, optimizer, rank, world size) on accelerate's process group; else unchanged
-    (every `kind` is a no-op in one process). auto/ddp: DDP; fsdp2: shard_fsdp2. Gradients are reduced only for
-    parameters used inside the wrapped module's forward: wrap the module that runs the whole loss forward, never
-    call its inner model directly for the loss."""
+def distributed(module, opt, rt: RuntimeConfig):
+    """Under torchrun: (wrapped module, optimizer, rank, world size) on accelerate's process group, every
+    collective bounded by rt.collective_timeout_s; else unchanged (every rt.distributed is a no-op in one process).
+    auto/ddp: DDP; fsdp2: shard_fsdp2. Gradients are reduced only for parameters used inside the wrapped module's
+    forward: wrap the module that runs the whole loss forward, never call its inner model directly for the loss."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return module, opt, 0, 1
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from datetime import timedelta
+
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     # unused parameters are normal here: MTP heads and experts that got no token in a step
     acc = Accelerator(cpu=not torch.cuda.is_available(),
-                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    if kind == "fsdp2":
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
+                                       InitProcessGroupKwargs(timeout=timedelta(seconds=rt.collective_timeout_s))])
+    if rt.distributed == "fsdp2":
         # accelerate 1.15's own FSDP plugin is not used: with Accelerator(cpu=True,
         # fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2)) under torchrun on CPU, distributed_type stays
         # MULTI_CPU and prepare() silently returns a DDP module (seen here), so fully_shard is called directly

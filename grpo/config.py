@@ -106,6 +106,9 @@ class RuntimeConfig(Strict):
     # under torchrun: auto = DDP when WORLD_SIZE > 1; ddp; fsdp2 = FSDP2 fully_shard per decoder layer + the loss
     # module. In one process every choice is a no-op (nothing to shard over), see docs/runtime.md
     distributed: Literal["auto", "ddp", "fsdp2"] = "auto"
+    # every collective of a multi-process run (gradient reduction, gathers, barriers) fails after this long instead
+    # of hanging on a dead or stuck peer
+    collective_timeout_s: float = Field(1800.0, gt=0)
 
     @model_validator(mode="after")
     def _fsdp2_lora(self):

@@ -339,7 +339,7 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
             console.print(f"\\[sft] resumed from {last} at step {start}")
     n_active = active_params(model)
     # the loss module goes to DDP / FSDP2 (its forward is the whole loss); `model` stays the plain LM for saving
-    wrapped, opt, rank, world = distributed(LossModule(model), opt, rt.distributed)
+    wrapped, opt, rank, world = distributed(LossModule(model), opt, rt)
     if resuming:
         checkpoint.load_shard(last, opt)  # FSDP2: this rank's optimizer shard and RNG (a no-op otherwise)
     if cfg.batch_size % world:

@@ -107,7 +107,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
     ref_scorer, ref_context = ((ref, contextlib.nullcontext) if ref is not None
                                else (local, lambda: adapter_disabled(policy)))
     # DDP wraps the scorer, or FSDP2 shards it (root unit) and its layers: its forward is what backward runs
-    scorer, opt, rank, world = distributed(local, opt, rt.distributed)
+    scorer, opt, rank, world = distributed(local, opt, rt)
     if start > 0:
         checkpoint.load_shard(last, opt)  # FSDP2: this rank's optimizer shard and RNG (a no-op otherwise)
     if is_fsdp2(scorer) and cfg.dynamic_sampling:  # ranks would run different numbers of sharded forwards

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from rich.console import Console
 
 from grpo import accel, sft, trainer
-from grpo.config import SFTConfig, load_stage
+from grpo.config import RuntimeConfig, SFTConfig, load_stage
 from grpo.logprobs import TokenLogprobs
 from grpo.models import hf
 
@@ -56,7 +56,7 @@ def main(base: str, out: Path) -> None:
     trainer.train(grpo_config(base, "fsdp2"), base, out / "grpo_resumed", quiet)
     # per-rank parameter elements under FSDP2, on the scorer GRPO shards
     model, _ = hf.load(base)
-    scorer, _, rank, world = accel.distributed(TokenLogprobs(model), None, "fsdp2")
+    scorer, _, rank, world = accel.distributed(TokenLogprobs(model), None, RuntimeConfig(distributed="fsdp2"))
     local = sum(p.to_local().numel() for p in scorer.parameters())
     total = sum(p.numel() for p in scorer.parameters())
     counts = [None] * world

@@ -125,3 +125,17 @@ def test_distributed_config_errors():
     with pytest.raises(ValidationError, match="runtime.distributed: fsdp2 with runtime.lora"):
         RuntimeConfig(distributed="fsdp2", lora={"r": 4})
     assert RuntimeConfig().distributed == "auto"
+
+
+def test_a_stuck_peer_fails_the_collective_within_its_timeout():
+    """runtime.collective_timeout_s bounds every collective: with rank 1 stalled, rank 0's all-reduce raises after
+    about 3 s instead of waiting (a real stall of a real gloo peer, not a mock)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        str(REPO / "tests" / "timeout_script.py")], capture_output=True, text=True, cwd=REPO, env=env,
+                       timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "all_reduce returned" not in out, out[-2000:]
+    waited = float(out.split("collective failed after ")[1].split(" s")[0])
+    print(f"rank 0's all-reduce with a stalled peer failed after {waited:.1f} s (timeout 3 s)")
+    assert 2.5 <= waited <= 30, out[-2000:]
