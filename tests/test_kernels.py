@@ -594,3 +594,4 @@ def test_decode_attention_declines_what_it_cannot_read():
     assert cpu_attention.decode(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25) is None  # fp32 only
     assert cpu_attention.decode(q, k, v, mask.bool(), 0.25) is None  # boolean masks stay with sdpa
     assert cpu_attention.decode(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, mask, 0.25) is None
+    assert cpu_attention.decode(q[:, :1], k, v, mask, 0.25) is None  # shapes that disagree: never read past them

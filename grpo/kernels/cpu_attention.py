@@ -6,8 +6,9 @@ head), and torch's sdpa or bmm pays a per-product setup and a copy of the stride
 time of reading the cache once; the sampler spent about half its time there (bench/rollout.py). The kernel does
 scores, a max-shifted softmax and the weighted sum of values per (row, KV head) with the scores in a small scratch
 row, so the cache is read exactly once. Rows are split over torch's thread count by OpenMP in the C code: the
-library links the libgomp that torch already loaded, so it runs on torch's own thread team (a Python thread pool
-beside that team's spinning threads made a 2-core step 4x slower). fp32 only; anything else, or a library that cannot be built or disagrees with torch, keeps torch's sdpa.
+library links libgomp, which the loader resolves to the one torch's CPU wheel already loaded, so it runs on
+torch's own thread team (a Python thread pool beside that team's spinning threads made a 2-core step 4x slower).
+fp32 only; anything else, or a library that cannot be built or disagrees with torch, keeps torch's sdpa.
 R1KIT_CPU_KERNELS=0 turns it off.
 """
 
@@ -171,7 +172,8 @@ def usable(q, key, value, mask) -> bool:
     """Whether the kernel takes these tensors: fp32 on CPU, keys/values with a contiguous last dim, and an additive
     float mask of shape [B, 1, 1, T] (or none)."""
     ok = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, key, value))
-    ok = ok and key.stride(-1) == 1 and value.stride(-1) == 1 and key.shape[:3] == value.shape[:3]
+    ok = ok and key.stride(-1) == 1 and value.stride(-1) == 1 and key.shape[:3] == value.shape[:3] \
+        and q.dim() == key.dim() == 4 and q.shape[:2] == key.shape[:2] and q.shape[-1] == key.shape[-1]
     if mask is not None:
         ok = ok and mask.dtype == torch.float32 and mask.dim() == 4 and mask.shape[1:3] == (1, 1) \
             and mask.shape[-1] == key.shape[2] and mask.stride(-1) == 1 and mask.shape[0] in (1, key.shape[0])
