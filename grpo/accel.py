@@ -5,10 +5,12 @@ and metric logging (metrics.jsonl, truncated to the checkpoint on resume; tensor
 The `runtime` section of every stage config lands here too: the stage's device, the weights' dtype, bf16 autocast,
 a reference/teacher dtype, gradient checkpointing and a LoRA adapter through peft.
 
-Scale-out (`runtime.distributed`): DDP through accelerate, or FSDP2 (torch's fully_shard on each decoder layer, then
-on the module that runs the whole loss forward), for SFT and GRPO, on accelerate's process group (gloo on CPU).
-Simplifications: ZeRO is not wired; FSDP2 without LoRA only; fp16 autocast is not offered (it needs loss scaling);
-with LoRA a checkpoint's merged weights come from a temporary merged copy.
+Scale-out (`runtime.distributed`): DDP through accelerate, FSDP2 (torch's fully_shard on each decoder layer, then
+on the module that runs the whole loss forward), or DeepSpeed ZeRO-2/3 through accelerate's DeepSpeed plugin, for SFT
+and GRPO, on accelerate's process group (gloo on CPU). The loops call backward() and apply_gradients() here, which
+become the DeepSpeed engine's own calls under ZeRO.
+Simplifications: FSDP2 and ZeRO without LoRA only, GRPO under ZeRO-2 only; fp16 is not offered (it needs loss
+scaling); with LoRA a checkpoint's merged weights come from a temporary merged copy.
 """
 
 from __future__ import annotations
@@ -167,13 +169,37 @@ def make_optimizer(model, cfg: OptimFields, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def optimizer_step(model, opt, sched, max_grad_norm: float) -> torch.Tensor:
-    """After backward: clip the gradient norm, step the optimizer and the schedule, clear the gradients, and update
-    r1kit's DeepSeek router bias (aux-loss-free balancing, once per step); returns the norm before clipping."""
-    grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
-    opt.step()
-    sched.step()
+def backward(wrapped, loss: torch.Tensor, last: bool = True) -> None:
+    """loss.backward(); under DeepSpeed the engine's backward, told whether this is the step's `last` micro-batch (ZeRO
+    reduces the gradients into its partitions then). The loops weight micro-batch losses themselves, so the engine
+    runs with gradient_accumulation_steps 1 and never rescales."""
+    if is_deepspeed(wrapped):
+        wrapped.set_gradient_accumulation_boundary(last)
+        wrapped.backward(loss)
+    else:
+        loss.backward()
+
+
+def apply_gradients(wrapped, opt, max_grad_norm: float) -> torch.Tensor:
+    """After the step's backward passes: clip the gradient norm to max_grad_norm and step the optimizer, unless the
+    norm is not finite (then the step is skipped); clear the gradients; return the norm before clipping. Under
+    DeepSpeed the engine does all of it (its gradient_clipping is max_grad_norm; it skips a non-finite step too)."""
+    if is_deepspeed(wrapped):
+        wrapped.step()
+        return torch.tensor(float(wrapped.get_global_grad_norm()))
+    grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(wrapped.parameters(), max_grad_norm))
+    if torch.isfinite(grad_norm):
+        opt.step()
     opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def optimizer_step(model, opt, sched, max_grad_norm: float, wrapped=None) -> torch.Tensor:
+    """apply_gradients (on `wrapped`, the DDP / FSDP2 / DeepSpeed module around `model`, if any), then step the
+    schedule and update r1kit's DeepSeek router bias (aux-loss-free balancing, once per step); returns the norm
+    before clipping."""
+    grad_norm = apply_gradients(model if wrapped is None else wrapped, opt, max_grad_norm)
+    sched.step()
     if hasattr(model, "update_expert_bias"):
         model.update_expert_bias()
     return grad_norm
@@ -259,10 +285,11 @@ class Trackers:
         self.close()
 
 
-def distributed(module, opt, rt: RuntimeConfig):
+def distributed(module, opt, rt: RuntimeConfig, max_grad_norm: float = 1.0):
     """Under torchrun: (wrapped module, optimizer, rank, world size) on accelerate's process group, every
     collective bounded by rt.collective_timeout_s; else unchanged (every rt.distributed is a no-op in one process).
-    auto/ddp: DDP; fsdp2: shard_fsdp2. Gradients are reduced only for parameters used inside the wrapped module's
+    auto/ddp: DDP; fsdp2: shard_fsdp2; deepspeed (or auto under `accelerate launch` with a DeepSpeed config): the
+    DeepSpeed engine (deepspeed_engine). Gradients are reduced only for parameters used inside the wrapped module's
     forward: wrap the module that runs the whole loss forward, never call its inner model directly for the loss."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return module, opt, 0, 1
@@ -270,17 +297,95 @@ def distributed(module, opt, rt: RuntimeConfig):
 
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    # `accelerate launch --config_file` with a DeepSpeed or an FSDP config picks the kind for `auto`
+    launched = next((k for k, env in (("deepspeed", "ACCELERATE_USE_DEEPSPEED"), ("fsdp2", "ACCELERATE_USE_FSDP"))
+                     if os.environ.get(env, "false").lower() == "true"), None)
+    if launched and rt.distributed not in ("auto", launched):
+        raise ConfigError(f"runtime.distributed: {rt.distributed}, but accelerate was launched with a {launched} "
+                          f"config; use auto or {launched}, or launch without that config")
+    if launched == "fsdp2" and os.environ.get("FSDP_VERSION", "2") != "2":
+        raise ConfigError("accelerate config: fsdp_version 1 is not offered; set fsdp_version: 2")
+    kind = launched or rt.distributed
+    if kind == "deepspeed":
+        return deepspeed_engine(module, opt, rt, max_grad_norm, launched == "deepspeed")
     # unused parameters are normal here: MTP heads and experts that got no token in a step
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
                                        InitProcessGroupKwargs(timeout=timedelta(seconds=rt.collective_timeout_s))])
-    if rt.distributed == "fsdp2":
+    if kind == "fsdp2":
         # accelerate 1.15's own FSDP plugin is not used: with Accelerator(cpu=True,
         # fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2)) under torchrun on CPU, distributed_type stays
         # MULTI_CPU and prepare() silently returns a DDP module (seen here), so fully_shard is called directly
         return shard_fsdp2(module, opt, acc.device), opt, acc.process_index, acc.num_processes
     module, opt = acc.prepare(module, opt)
     return module, opt, acc.process_index, acc.num_processes
+
+
+def deepspeed_engine(module, opt, rt: RuntimeConfig, max_grad_norm: float, launched: bool):
+    """(DeepSpeed engine around `module`, its ZeRO optimizer around `opt`, rank, world size): ZeRO rt.zero_stage, or
+    the stage, offload and the rest of the accelerate DeepSpeed config that launched us (its `auto` values filled
+    here). fp32 weights, or bf16 ones with DeepSpeed's fp32 master copy for runtime.dtype bfloat16. Under ZeRO-3 the
+    head weight, which the fused log-prob reads outside the head's own forward, is the root's external parameter,
+    so the root's forward gathers it.
+    deepspeed.initialize, not accelerate's prepare: accelerate keeps one DeepSpeed plugin per process, set by its
+    first Accelerator ("You cannot pass in a `deepspeed_plugin` when creating a second `Accelerator`"), and after an
+    Accelerator made for DDP its prepare() silently returns DDP; each stage of a run builds its own engine. The
+    process group is still accelerate's, and the config is read by accelerate's DeepSpeedPlugin."""
+    from datetime import timedelta
+
+    import deepspeed
+    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin
+
+    if rt.dtype == "float16":
+        raise ConfigError("runtime.dtype: float16 is not offered with deepspeed (it needs loss scaling); use bfloat16")
+    if any(hasattr(m, "update_expert_bias") for m in module.modules()):  # as for fsdp2: its per-rank router loads
+        raise ValueError("runtime.distributed: deepspeed does not support r1kit's DeepSeek MoE model yet; use ddp")
+    acc = Accelerator(cpu=not torch.cuda.is_available(),  # the process group (gloo on CPU), every collective bounded
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=rt.collective_timeout_s))])
+    plugin = DeepSpeedPlugin() if launched else DeepSpeedPlugin(zero_stage=rt.zero_stage,
+                                                                  gradient_clipping=max_grad_norm)
+    ds = copy.deepcopy(plugin.deepspeed_config)
+    del plugin  # with it goes transformers' global ZeRO-3 flag, which would partition later from_pretrained loads
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(f"DeepSpeed config: remove its `{section}` section; r1kit builds the optimizer and its "
+                              f"schedule from the stage's learning_rate, warmup_steps and lr_schedule")
+    # the loops split the global batch over ranks and weight their micro-batches themselves (backward())
+    ds.update(train_micro_batch_size_per_gpu=1, train_batch_size=acc.num_processes, gradient_accumulation_steps=1)
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = max_grad_norm
+    if ds.get("bf16", {}).get("enabled") == "auto" or rt.dtype == "bfloat16":
+        ds["bf16"] = {"enabled": rt.dtype == "bfloat16"}
+    auto = [k for k, v in ds.items() if v == "auto"]
+    if auto:
+        raise ConfigError(f"DeepSpeed config: `{auto[0]}` is auto, which r1kit does not fill; give it a value")
+    if ds["zero_optimization"]["stage"] == 3:
+        lm = next(m for m in module.modules() if hasattr(m, "get_output_embeddings"))  # the causal LM inside
+        deepspeed.zero.register_external_parameter(module, lm.get_output_embeddings().weight)
+    engine, opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds, dist_init_required=False)
+    return engine, opt, acc.process_index, acc.num_processes
+
+
+def describe(wrapped, world: int) -> str:
+    """How a stage's training is spread, for its first printed line: 'DeepSpeed ZeRO-3 over 2 processes'."""
+    if world == 1:
+        return "one process"
+    kind = (f"DeepSpeed ZeRO-{wrapped.zero_optimization_stage()}" if is_deepspeed(wrapped)
+            else "FSDP2" if is_fsdp2(wrapped) else "DDP")
+    return f"{kind} over {world} processes"
+
+
+def is_deepspeed(module) -> bool:
+    """True for a DeepSpeed engine (deepspeed_engine's wrapped module)."""
+    import sys
+
+    return "deepspeed" in sys.modules and isinstance(module, sys.modules["deepspeed"].DeepSpeedEngine)
+
+
+def zero3(module) -> bool:
+    """True for a DeepSpeed engine that partitions the weights themselves (ZeRO-3)."""
+    return is_deepspeed(module) and module.zero_optimization_stage() == 3
 
 
 def decoder_layers(module) -> list:
@@ -409,9 +514,9 @@ def reduce_metrics(metrics: dict[str, float], world: int) -> dict[str, float]:
 
 
 def check_replicas(model, world: int, what: str = "training") -> None:
-    """DDP must leave every rank with the same weights; fail loudly rather than save one rank's drift. Skipped under
-    FSDP2, where each rank holds different shards."""
-    if world == 1 or is_fsdp2(model):
+    """DDP (and ZeRO-2) must leave every rank with the same weights; fail loudly rather than save one rank's drift.
+    Skipped under FSDP2 and ZeRO-3, where each rank holds different shards."""
+    if world == 1 or is_fsdp2(model) or any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 partitions
         return
     import torch.distributed as dist
 

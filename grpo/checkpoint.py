@@ -4,9 +4,11 @@ model's checkpoint holds its merged weights (what vLLM and the next stage load) 
 Everything is written into a temporary sibling directory and renamed into place, so a crash or kill leaves
 either the previous checkpoint or the new one, never half of one.
 
-Multi-process: every rank calls save(); rank 0 writes. Under FSDP2 the HF weights are the full consolidated ones
-(gathered to rank 0's CPU) and trainer_state/ also holds one file per rank, rank{r}.pt: that rank's optimizer shard
-and RNG (load_shard restores them after sharding, so a resumed FSDP2 run continues exactly as an uninterrupted one).
+Multi-process: every rank calls save(); rank 0 writes. Under FSDP2 and DeepSpeed ZeRO the HF weights are the full
+consolidated ones (gathered to rank 0's CPU, one layer at a time under ZeRO-3) and trainer_state/ also holds one file
+per rank, rank{r}.pt: that rank's optimizer shard (FSDP2) and RNG; under ZeRO, trainer_state/deepspeed/ is the
+engine's own checkpoint (its optimizer partitions). load_shard restores them after sharding, so a resumed run
+continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -49,21 +51,31 @@ def _dist() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
-def save(final: Path, model, tokenizer, state: dict | None = None, optimizer=None, scheduler=None) -> Path:
+def save(final: Path, model, tokenizer, state: dict | None = None, optimizer=None, scheduler=None,
+         wrapped=None) -> Path:
     """HF checkpoint at `final`; with `state`, also trainer_state/ (optimizer, scheduler, RNG, step, cursor).
-    Call it on every rank: rank 0 writes; under FSDP2 every rank first joins the weight gather and writes its
-    optimizer shard, which rank 0 moves into trainer_state/ before the rename."""
-    from grpo.accel import full_state_dict, is_fsdp2
+    Call it on every rank: rank 0 writes; under FSDP2 or DeepSpeed (`wrapped`, the engine) every rank first joins
+    the weight gather and stages its optimizer shard, which rank 0 moves into trainer_state/ before the rename."""
+    from grpo.accel import full_state_dict, is_deepspeed, is_fsdp2, zero3
 
     rank, world = _dist()
-    sharded = world > 1 and is_fsdp2(model)
+    ds = world > 1 and is_deepspeed(wrapped)
+    sharded = world > 1 and (is_fsdp2(model) or ds)
     if not sharded and rank != 0:
         return Path(final)
-    full = full_state_dict(model, rank0_only=True) if sharded else None  # collective; {} on ranks > 0
+    full = None  # the consolidated weights, where `model`'s own parameters are shards (collectives; rank 0 gets them)
+    if sharded and not ds:
+        full = full_state_dict(model, rank0_only=True)
+    elif ds and zero3(wrapped):
+        prefix = next(n for n, m in wrapped.module.named_modules() if m is model) + "."
+        full = {k[len(prefix):]: v for k, v in (wrapped._zero3_consolidated_16bit_state_dict() or {}).items()}
     staged = Path(final).parent / f".{Path(final).name}.rank{rank}.pt"
+    staged_ds = Path(final).parent / f".{Path(final).name}.deepspeed"
     if sharded and state is not None:
         Path(final).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(_shard_state(optimizer), staged.with_suffix(".tmp"))
+        if ds:  # every rank writes its ZeRO partitions into one directory
+            wrapped.save_checkpoint(str(staged_ds), tag="zero", client_state={}, save_latest=False)
+        torch.save(_shard_state(None if ds else optimizer), staged.with_suffix(".tmp"))
         os.replace(staged.with_suffix(".tmp"), staged)
     if sharded:
         import torch.distributed as dist
@@ -73,7 +85,7 @@ def save(final: Path, model, tokenizer, state: dict | None = None, optimizer=Non
             return Path(final)
         seen: set[int] = set()  # tied weights (embedding = head) gathered under each name: keep the first, as HF does
         for k, v in model.state_dict(keep_vars=True).items():
-            if id(v) in seen:
+            if id(v) in seen and full is not None:
                 full.pop(k, None)
             seen.add(id(v))
 
@@ -84,7 +96,7 @@ def save(final: Path, model, tokenizer, state: dict | None = None, optimizer=Non
             merged.save_pretrained(tmp, safe_serialization=True)
             del merged
         else:
-            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full} if sharded else {}))
+            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full} if full is not None else {}))
         tokenizer.save_pretrained(tmp)
         if state is not None:
             ts = tmp / "trainer_state"
@@ -98,6 +110,8 @@ def save(final: Path, model, tokenizer, state: dict | None = None, optimizer=Non
             }, ts / "state.pt")
             for r in range(world if sharded else 0):
                 os.replace(staged.with_name(f".{Path(final).name}.rank{r}.pt"), ts / f"rank{r}.pt")
+            if ds:
+                os.replace(staged_ds, ts / "deepspeed")
 
     return atomic_dir(final, write)
 
@@ -112,24 +126,37 @@ def _shard_state(optimizer) -> dict:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}}
 
 
-def load_shard(path: Path, optimizer) -> bool:
-    """Under FSDP2, after sharding: restore this rank's optimizer shard and RNG from `path`/trainer_state/rank{r}.pt;
-    False when the checkpoint has no per-rank files (a one-process or DDP checkpoint)."""
+def load_shard(path: Path, optimizer, wrapped=None) -> bool:
+    """Under FSDP2 or DeepSpeed (`wrapped`, the engine), after sharding: restore this rank's optimizer shard and RNG
+    from `path`/trainer_state/rank{r}.pt (and the engine's deepspeed/ checkpoint); False when the checkpoint has no
+    per-rank files (a one-process or DDP checkpoint)."""
     from torch.distributed.tensor import DTensor
+
+    from grpo.accel import is_deepspeed
 
     rank, world = _dist()
     ts = Path(path) / "trainer_state"
     f = ts / f"rank{rank}.pt"
+    ds = is_deepspeed(wrapped)
+    if (ts / "deepspeed").is_dir() and not ds:
+        raise ValueError(f"{path}: a DeepSpeed checkpoint (trainer_state/deepspeed) resumes only under "
+                         f"runtime.distributed: deepspeed")
+    if ds and not (ts / "deepspeed").is_dir():
+        raise ValueError(f"{path}: runtime.distributed: deepspeed cannot resume a checkpoint saved without it; "
+                         f"resume with the distributed setting it was saved with")
     if not f.is_file():
         return False
     saved = torch.load(ts / "state.pt", weights_only=False).get("world_size")
     if saved != world:
-        raise ValueError(f"{path}: an FSDP2 checkpoint of {saved} processes cannot resume on {world}")
-    if optimizer is not None and not any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(f"{path}: a sharded checkpoint of {saved} processes cannot resume on {world}")
+    if ds:
+        wrapped.load_checkpoint(str(ts / "deepspeed"), tag="zero", load_optimizer_states=True,
+                                load_lr_scheduler_states=False)
+    elif optimizer is not None and not any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
         raise ValueError(f"{path}: an FSDP2 checkpoint (per-rank optimizer shards) resumes only under "
                          f"runtime.distributed: fsdp2")
     blob = torch.load(f, weights_only=False)
-    if optimizer is not None and blob["optimizer"] is not None:
+    if optimizer is not None and blob["optimizer"] is not None and not ds:
         optimizer.load_state_dict(blob["optimizer"])
         for group in optimizer.param_groups:  # local shards back into DTensors shaped like their parameters
             for p in group["params"]:

@@ -103,17 +103,21 @@ class RuntimeConfig(Strict):
     reference_dtype: Literal["same", "float32", "bfloat16", "float16"] = "same"  # the frozen reference / teacher
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
     lora: LoRAConfig | None = None
-    # under torchrun: auto = DDP when WORLD_SIZE > 1; ddp; fsdp2 = FSDP2 fully_shard per decoder layer + the loss
-    # module. In one process every choice is a no-op (nothing to shard over), see docs/runtime.md
-    distributed: Literal["auto", "ddp", "fsdp2"] = "auto"
+    # under torchrun: auto = DDP when WORLD_SIZE > 1 (DeepSpeed under `accelerate launch` with a DeepSpeed config);
+    # ddp; fsdp2 = FSDP2 fully_shard per decoder layer + the loss module; deepspeed = ZeRO (zero_stage) through
+    # accelerate. In one process every choice is a no-op (nothing to shard over), see docs/runtime.md
+    distributed: Literal["auto", "ddp", "fsdp2", "deepspeed"] = "auto"
+    # deepspeed: ZeRO-2 shards gradients and optimizer state, ZeRO-3 the weights too (offload and the rest: an
+    # accelerate DeepSpeed config file, whose values win, see recipes/accelerate/)
+    zero_stage: Literal[2, 3] = 2
     # every collective of a multi-process run (gradient reduction, gathers, barriers) fails after this long instead
     # of hanging on a dead or stuck peer
     collective_timeout_s: float = Field(1800.0, gt=0)
 
     @model_validator(mode="after")
-    def _fsdp2_lora(self):
-        if self.distributed == "fsdp2" and self.lora is not None:
-            raise ValueError("runtime.distributed: fsdp2 with runtime.lora is not supported (use ddp)")
+    def _sharded_lora(self):
+        if self.distributed in ("fsdp2", "deepspeed") and self.lora is not None:
+            raise ValueError(f"runtime.distributed: {self.distributed} with runtime.lora is not supported (use ddp)")
         return self
 
     @field_validator("device")

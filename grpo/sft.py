@@ -6,9 +6,9 @@ recipe's pretraining depends on it; a resumed run fast-forwards the stream). Wit
 `max_length` tokens whose positions restart at 0 per example and whose attention never crosses examples, so the
 loss (mean over all labelled tokens of the step) equals the unpacked one; only the padding shrinks.
 
-Data parallel under torchrun (runtime.distributed: DDP or FSDP2): `batch_size` stays the global batch, each rank
-takes its contiguous share of each step's examples, and each rank's loss is weighted by its share of the step's
-labelled tokens (all-reduced), so the update is the one-process token mean over the global batch; rank 0 logs and
+Data parallel under torchrun (runtime.distributed: DDP, FSDP2 or DeepSpeed ZeRO): `batch_size` stays the global
+batch, each rank takes its contiguous share of each step's examples, and each rank's loss is weighted by its share
+of the step's labelled tokens (all-reduced), so the update is the one-process token mean over the global batch; rank 0 logs and
 saves. Simplifications: `batch_size` counts examples per step, packed or not, so the tokens
 per step vary; examples longer than `max_length` are cut, never split across rows; the DeepSeek model's
 sequence-wise balance loss (aux_loss_alpha > 0) treats a packed row as one sequence. The loss is on completion
@@ -33,9 +33,9 @@ from rich.console import Console
 from torch import nn
 
 from grpo import checkpoint
-from grpo.accel import (active_params, autocast, barrier, check_replicas, distributed, load_trainable, make_optimizer,
-                        open_metrics, optimizer_step, prepare_trainable, progress, seed_everything, stage_device,
-                        to_device)
+from grpo.accel import (active_params, autocast, backward, barrier, check_replicas, describe, distributed,
+                        is_deepspeed, load_trainable, make_optimizer, open_metrics, optimizer_step, prepare_trainable,
+                        progress, seed_everything, stage_device, to_device)
 from grpo.config import ConfigError, SFTConfig, TokenizerConfig
 from grpo.data import DataError, load_rows
 from grpo.data.tokenizer import train_bpe
@@ -237,7 +237,8 @@ def all_sum(x: float, world: int) -> float:
 def eval_loss(model, pairs, pad_id: int, cfg: SFTConfig) -> float:
     """Mean next-token NLL over every labelled token of the held-out examples, in eval mode. `model`: the LM or its
     (wrapped) LossModule; every rank evaluates all of them (the wrapped forward has collectives)."""
-    module = model if isinstance(model, (LossModule, nn.parallel.DistributedDataParallel)) else LossModule(model)
+    module = model if isinstance(model, (LossModule, nn.parallel.DistributedDataParallel)) or is_deepspeed(model) \
+        else LossModule(model)
     module.eval()
     total, count = 0.0, 0
     for s in range(0, len(pairs), cfg.batch_size):
@@ -339,12 +340,14 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
             console.print(f"\\[sft] resumed from {last} at step {start}")
     n_active = active_params(model)
     # the loss module goes to DDP / FSDP2 (its forward is the whole loss); `model` stays the plain LM for saving
-    wrapped, opt, rank, world = distributed(LossModule(model), opt, rt)
-    if resuming:
-        checkpoint.load_shard(last, opt)  # FSDP2: this rank's optimizer shard and RNG (a no-op otherwise)
+    wrapped, opt, rank, world = distributed(LossModule(model), opt, rt, cfg.max_grad_norm)
+    if resuming:  # FSDP2 / DeepSpeed: this rank's optimizer shard and RNG (a no-op otherwise)
+        checkpoint.load_shard(last, opt, wrapped)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must divide evenly over {world} processes")
     main = rank == 0
+    if world > 1 and main:
+        console.print(f"\\[sft] {describe(wrapped, world)}")
     # `epochs`: shuffled passes, every example once per epoch. `steps`: rows drawn with replacement from one seeded
     # stream, as r1kit's SFT always has (the built-in recipe's pretraining is tuned to it), fast-forwarded on resume
     draw = random.Random(cfg.seed)
@@ -372,8 +375,8 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
             n_all = all_sum(float(n_mine), world)
             with autocast(rt):
                 loss = wrapped(to_device(batch, device))
-            (loss * (n_mine * world / n_all)).backward()
-            grad_norm = optimizer_step(model, opt, sched, cfg.max_grad_norm)
+            backward(wrapped, loss * (n_mine * world / n_all))
+            grad_norm = optimizer_step(model, opt, sched, cfg.max_grad_norm, wrapped)
             loss_value = all_sum(loss.item() * n_mine, world) / n_all
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"sft step {step + 1}: loss is {loss_value}")
@@ -394,8 +397,8 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
                 check_replicas(model, world, "SFT")
                 checkpoint.save(last, model, tokenizer, {"step": step + 1, "cursor": (step + 1) * cfg.batch_size,
-                                                        "compute": dict(spent)}, opt, sched)  # every rank: rank 0 writes
+                                                        "compute": dict(spent)}, opt, sched, wrapped)  # every rank
     check_replicas(model, world, "SFT")
-    final = checkpoint.save(out_dir / "final", model, tokenizer)  # every rank: FSDP2 gathers the full weights
+    final = checkpoint.save(out_dir / "final", model, tokenizer, wrapped=wrapped)  # every rank: FSDP2/ZeRO-3 gather
     barrier(world)  # no rank returns before the checkpoint is in place
     return final

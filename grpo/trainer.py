@@ -2,10 +2,10 @@
 clipped-ratio policy-gradient step with a k3 KL penalty against a frozen reference; then sync the sampler.
 
 Log-probs come from the policy's hidden states through fused_logprob (grpo/logprobs.py: no [b, Lc, V] logits).
-Data parallel: under `torchrun` (WORLD_SIZE > 1) accelerate wraps that scorer module, policy inside, in DDP (or
-FSDP2 shards it: runtime.distributed), so the loss forward runs through the wrapper and the gradients are averaged;
-`prompts_per_step` is the global batch, split evenly over ranks, each rank samples and scores whole groups of its
-own prompts, and rank 0 logs and saves.
+Data parallel: under `torchrun` (WORLD_SIZE > 1) accelerate wraps that scorer module, policy inside, in DDP or a
+DeepSpeed ZeRO-2 engine (or FSDP2 shards it: runtime.distributed), so the loss forward runs through the wrapper
+and the gradients are averaged; `prompts_per_step` is the global batch, split evenly over ranks, each rank samples
+and scores whole groups of its own prompts, and rank 0 logs and saves.
 Loss types, importance sampling (token / sequence), TIS and the clipped variants are grpo.algo's registry; dynamic
 sampling (drop groups whose rewards agree, draw more prompts) is grpo/dynamic.py; without it the rewards are scored on
 a helper thread while the reference pass runs; metrics go through
@@ -32,9 +32,10 @@ from rich.console import Console
 import rewards as reward_lib
 from rewards.runner import PerReward
 from grpo import algo, checkpoint, dynamic
-from grpo.accel import (Trackers, active_params, adapter_disabled, autocast, barrier, check_replicas, distributed, frozen_copy,
-                        for_generation, full_norm, full_state_dict, is_fsdp2, load_trainable, make_optimizer, progress,
-                        reduce_metrics, seed_everything, stage_device, to_device)
+from grpo.accel import (Trackers, active_params, adapter_disabled, apply_gradients, autocast, backward, barrier,
+                        check_replicas, describe, distributed, for_generation, frozen_copy, full_state_dict, is_fsdp2,
+                        load_trainable, make_optimizer, progress, reduce_metrics, seed_everything, stage_device,
+                        to_device, zero3)
 from grpo.config import GRPOConfig
 from grpo.data import load_rows
 from grpo.logprobs import TokenLogprobs, build_batch, micro_slices, policy_logprobs
@@ -50,7 +51,8 @@ def backward_batch(scorer, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: 
     agg: dict[str, float] = {"loss": 0.0}
     for m in micro_slices(B, cfg.micro_batch_size):
         # under DDP, all-reduce gradients once, on the last micro-batch
-        sync = contextlib.nullcontext() if m.stop == B or not hasattr(scorer, "no_sync") else scorer.no_sync()
+        ddp = isinstance(scorer, torch.nn.parallel.DistributedDataParallel)  # (ZeRO: the boundary flag in backward)
+        sync = scorer.no_sync() if ddp and m.stop < B else contextlib.nullcontext()
         with sync, autocast(cfg.runtime):
             lp, ent = policy_logprobs(scorer, batch, m, cfg.sampling.temperature, replay=cfg.routing_replay)
             old = old_lp[m] if old_lp is not None else lp.detach()
@@ -62,7 +64,7 @@ def backward_batch(scorer, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: 
                                         importance_sampling=cfg.importance_sampling, is_weights=tis)
             token_level = algo.LOSS_TYPES[cfg.loss_type].aggregation == "token_mean"
             share = mask[m].sum() / n_tok if token_level else (m.stop - m.start) / B
-            (loss * share).backward()
+            backward(scorer, loss * share, last=m.stop == B)
         agg["loss"] += float(loss.detach() * share)
         w = float(mask[m].sum() / n_tok)  # token-weighted averages of the per-token metrics
         # sampler/trainer mismatch: |log p_trainer - log p_sampler| per token (0 for the native engine)
@@ -106,15 +108,19 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
     # the KL reference: the frozen copy, or under LoRA the policy itself with its adapter disabled
     ref_scorer, ref_context = ((ref, contextlib.nullcontext) if ref is not None
                                else (local, lambda: adapter_disabled(policy)))
-    # DDP wraps the scorer, or FSDP2 shards it (root unit) and its layers: its forward is what backward runs
-    scorer, opt, rank, world = distributed(local, opt, rt)
-    if start > 0:
-        checkpoint.load_shard(last, opt)  # FSDP2: this rank's optimizer shard and RNG (a no-op otherwise)
+    # DDP or DeepSpeed wraps the scorer, or FSDP2 shards it (root unit) and its layers: its forward runs backward's loss
+    scorer, opt, rank, world = distributed(local, opt, rt, cfg.max_grad_norm)
+    if zero3(scorer):  # the sampler and the reference reset read the policy's weights, partitioned under ZeRO-3
+        raise ValueError("runtime.zero_stage: GRPO supports DeepSpeed ZeRO-2 (use 2, or distributed: fsdp2)")
+    if start > 0:  # FSDP2 / DeepSpeed: this rank's optimizer shard and RNG (a no-op otherwise)
+        checkpoint.load_shard(last, opt, scorer)
     if is_fsdp2(scorer) and cfg.dynamic_sampling:  # ranks would run different numbers of sharded forwards
         raise ValueError("dynamic_sampling: not supported with runtime.distributed fsdp2")
     if cfg.prompts_per_step % world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide evenly over {world} processes")
     main = rank == 0
+    if world > 1 and main:
+        console.print(f"\\[grpo] {describe(scorer, world)}")
     if cfg.routing_replay and not hasattr(policy, "routed_layers"):
         raise ValueError(f"routing_replay: {model_path} is not r1kit's DeepSeek MoE model (no routed experts)")
     worker = make_worker(cfg.rollout, policy, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
@@ -205,13 +211,10 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             for _ in range(cfg.num_iterations):
                 for k, v in backward_batch(scorer, batch, adv, old_lp, ref_lp, cfg).items():
                     agg[k] = agg.get(k, 0.0) + v / cfg.num_iterations
-                grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm))
-                if not torch.isfinite(grad_norm):  # the same on every rank (after the all-reduce): all skip
-                    opt.zero_grad(set_to_none=True)
+                grad_norm = apply_gradients(scorer, opt, cfg.max_grad_norm)  # clip and step, unless not finite
+                if not torch.isfinite(grad_norm):  # the same on every rank (after the all-reduce): all skipped it
                     agg["nonfinite/skipped"] += 1.0
                     continue
-                opt.step()
-                opt.zero_grad(set_to_none=True)
                 if hasattr(policy, "update_expert_bias"):  # DeepSeek-V3 aux-loss-free balancing
                     agg.update(policy.update_expert_bias())  # moe/load_max_over_mean[/layer]
             sched.step()
@@ -263,10 +266,10 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 state = {"step": step + 1, "cursor": cursor, "compute": dict(spent)}
                 if ref is not None and cfg.ref_reset_every:
                     state["reference"] = ref.lm.state_dict()
-                checkpoint.save(last, policy, tok, state, opt, sched)  # every rank: rank 0 writes
+                checkpoint.save(last, policy, tok, state, opt, sched, scorer)  # every rank: rank 0 writes
     check_replicas(policy, world, "GRPO")
     final = out_dir / "final"
-    checkpoint.save(final, policy, tok)  # every rank: FSDP2 gathers the full weights to rank 0
+    checkpoint.save(final, policy, tok, wrapped=scorer)  # every rank: FSDP2 gathers the full weights to rank 0
     barrier(world)  # no rank returns before the checkpoint is in place
     if hasattr(worker, "close"):
         worker.close()
