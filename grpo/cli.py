@@ -6,6 +6,9 @@
     r1 rewards list | score ...              inspect and debug reward functions
     r1 serve MODEL ...                       a vLLM rollout server for a remote trainer
 
+run and the stages take --accelerate-config FILE: r1 starts itself again under `accelerate launch --config_file FILE`
+(one process per GPU; DDP, or DeepSpeed ZeRO with a DeepSpeed config: recipes/accelerate/). Only rank 0 prints.
+
 Config and data problems print one line (`r1: error: ...`) and exit 2, before any model is built.
 """
 
@@ -120,7 +123,7 @@ def _run(args) -> int:
         return 0
     from grpo import pipeline
 
-    pipeline.run(recipe)
+    pipeline.run(recipe, main_console())
     return 0
 
 
@@ -138,15 +141,13 @@ def _stage(args) -> int:
     """One stage kind from STAGES, from a recipe's section or a bare stage file."""
     import json
 
-    from rich.console import Console
-
     sec, recipe = load_stage(args.command, args.config, args.overrides)
     out = Path(args.output or (Path(recipe.output_dir) / args.command if recipe else Path("runs") / args.command))
     preflight([(args.command, sec)], out)
     spec = STAGES[args.command]
     if spec.needs_model and sec.model is None:
         raise ConfigError(f"{args.command}.model is not set: pass model=PATH (an HF checkpoint directory)")
-    console = Console()
+    console = main_console()
     produced = stage_runner(args.command)(sec, sec.model, out, console)
     if spec.chains:
         console.print(f"checkpoint: {produced}")
@@ -156,8 +157,46 @@ def _stage(args) -> int:
     return 0
 
 
+def main_console():
+    """The console a command prints on: rank 0's; under torchrun / accelerate launch the other ranks stay quiet."""
+    from rich.console import Console
+
+    return Console(quiet=int(os.environ.get("RANK", "0")) != 0)
+
+
+def relaunch(argv: list[str]) -> list[str]:
+    """argv without --accelerate-config FILE; when it is there and this is not a launched process yet, exec
+    `accelerate launch --config_file FILE -m grpo.cli argv...` instead (so this returns only inside the launch)."""
+    for i, a in enumerate(argv):
+        if a == "--accelerate-config" or a.startswith("--accelerate-config="):
+            path = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            rest = argv[:i] + argv[i + (1 if "=" in a else 2):]
+            break
+    else:
+        return argv
+    if not Path(path).is_file():  # a shipped config by name: deepspeed_zero2, deepspeed_zero3, fsdp2, ddp
+        from importlib import resources
+
+        shipped = resources.files("recipes") / "accelerate" / f"{path}.yaml"
+        if not path or "/" in path or not shipped.is_file():
+            known = sorted(f.name[:-5] for f in (resources.files("recipes") / "accelerate").iterdir()
+                           if f.name.endswith(".yaml"))
+            raise ConfigError(f"--accelerate-config: {path or '(missing)'} is not a file or a shipped config "
+                              f"({', '.join(known)})")
+        path = str(shipped)
+    if "LOCAL_RANK" in os.environ:  # launched already (accelerate launch, torchrun): run here
+        return rest
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", path, "-m", "grpo.cli", *rest]
+    os.execv(sys.executable, cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = relaunch(argv)
+    except ConfigError as e:
+        print(f"r1: error: {e}", file=sys.stderr)
+        return 2
     if argv[:1] == ["rewards"]:
         from rewards.cli import main as rewards_main
 
@@ -178,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                    "sampling) or cuda[:N] (the recipe's precision and sampler; bench/gpu_check.sh)")
     p.add_argument("--full-size", action="store_true", help="--dry-run stand-ins at the real models' shapes "
                    "(random weights; transformers models only): for GPU checks")
+    accel_help = "an accelerate config (recipes/accelerate/): run under `accelerate launch --config_file FILE`"
+    p.add_argument("--accelerate-config", metavar="FILE", help=accel_help)
     p = sub.add_parser("report", help="report.md, report.json and plots/*.png from a run directory")
     p.add_argument("run_dir", help="a directory `r1 run` wrote (stage directories NN-name)")
     for name in STAGES:
@@ -185,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config")
         p.add_argument("overrides", nargs="*", help="key.sub=value")
         p.add_argument("--output", help="output directory (default: <recipe output_dir>/<stage>)")
+        p.add_argument("--accelerate-config", metavar="FILE", help=accel_help)
     sub.add_parser("rewards", help="r1 rewards list | score --reward NAME --data FILE")
     sub.add_parser("serve", help="r1 serve MODEL: a vLLM rollout server")
     args, extra = parser.parse_known_args(argv)  # key=value after --output lands here: overrides too
