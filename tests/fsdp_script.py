@@ -19,20 +19,22 @@ from grpo.logprobs import TokenLogprobs
 from grpo.models import hf
 
 
-def sft_config(kind: str, steps: int = 4) -> SFTConfig:
+def sft_config(kind: str, steps: int = 4, **fields) -> SFTConfig:
     """A few SFT steps on the synthetic arithmetic task, global batch 8 (4 per rank), a checkpoint and a held-out
-    loss every 2 steps."""
+    loss every 2 steps; `fields` go to the config (say warmup_steps) or, for zero_stage, to its runtime."""
+    runtime = {"distributed": kind, **({"zero_stage": fields.pop("zero_stage")} if "zero_stage" in fields else {})}
     return SFTConfig.model_validate({"data": {"num_examples": 64}, "template": "r1_zero", "steps": steps, "batch_size": 8,
                                      "learning_rate": 1e-3, "save_every": 2, "eval_fraction": 0.1, "eval_every": 2,
-                                     "runtime": {"distributed": kind}})
+                                     "runtime": runtime, **fields})
 
 
-def grpo_config(base: str, kind: str):
-    """The DDP test's GRPO run (tests/test_grpo_ddp.py), with a KL reference (beta 0.04) and a reference reset."""
+def grpo_config(base: str, kind: str, *extra: str):
+    """The DDP test's GRPO run (tests/test_grpo_ddp.py), with a KL reference (beta 0.04) and a reference reset;
+    `extra`: more overrides."""
     overrides = [f"grpo.model={base}", "grpo.data.num_examples=32", "grpo.group_size=4", "grpo.prompts_per_step=4",
                  "grpo.steps=3", "grpo.save_every=2", "grpo.sampling.max_tokens=12", "grpo.learning_rate=1e-3",
                  "grpo.micro_batch_size=3", "grpo.ref_reset_every=2", f"grpo.runtime.distributed={kind}",
-                 "grpo.rewards=[{name: accuracy}, {name: format}, {name: 'tests.helpers:length_reward'}]"]
+                 "grpo.rewards=[{name: accuracy}, {name: format}, {name: 'tests.helpers:length_reward'}]", *extra]
     return load_stage("grpo", "recipes/r1-zero-tiny.yaml", overrides)[0]
 
 
