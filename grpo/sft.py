@@ -8,8 +8,8 @@ loss (mean over all labelled tokens of the step) equals the unpacked one; only t
 
 Data parallel under torchrun (runtime.distributed: DDP, FSDP2 or DeepSpeed ZeRO): `batch_size` stays the global
 batch, each rank takes its contiguous share of each step's examples, and each rank's loss is weighted by its share
-of the step's labelled tokens (all-reduced), so the update is the one-process token mean over the global batch; rank 0 logs and
-saves. Simplifications: `batch_size` counts examples per step, packed or not, so the tokens
+of the step's labelled tokens (all-reduced), so the update is the one-process token mean over the global batch;
+rank 0 logs and saves. Simplifications: `batch_size` counts examples per step, packed or not, so the tokens
 per step vary; examples longer than `max_length` are cut, never split across rows; the DeepSeek model's
 sequence-wise balance loss (aux_loss_alpha > 0) treats a packed row as one sequence. The loss is on completion
 tokens only unless `loss_on: all`. Prompt and completion are tokenized separately and joined, so the model
