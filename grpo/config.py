@@ -213,6 +213,9 @@ class GRPOConfig(OptimFields):
     template: str = "r1_zero"
     rollout: Literal["native", "vllm"] = "native"
     vllm_gpu_memory_utilization: float = 0.3
+    # colocated vLLM (GPU) between rollout and update: 1 offloads its weights to host RAM and frees the KV cache;
+    # 2 discards the weights too (less host RAM; the sync after waking refills every parameter)
+    vllm_sleep_level: Literal[1, 2] = 1
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     group_size: int = Field(8, ge=2)
     prompts_per_step: int = Field(16, ge=1)

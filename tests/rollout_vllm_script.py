@@ -115,6 +115,15 @@ def colocated(model_dir: str) -> dict:
     w.wake()
     res["sleep"] = {"supported": w.sleep_supported, "enabled": w.sleep_enabled,
                     "diff_trainer_after_wake": maxdiff(w.score(seqs, starts), trained)}
+    # level 2 (GPU): the weights are discarded, so sampling before the next sync is refused, and the sync refills
+    w.sleep_level = 2
+    w.sleep()
+    w.wake()
+    res["level2_before_sync"] = error_text(lambda: w.generate(prompts[:1], 1, SamplingParams(max_tokens=2)),
+                                           RuntimeError)
+    w.update_weights(trainer)
+    res["level2_diff_after_sync"] = maxdiff(w.score(seqs, starts), trained)
+    w.sleep_level = 1
 
     # LoRA: the peft policy is merged, pushed, unmerged
     from peft import LoraConfig, get_peft_model

@@ -134,6 +134,10 @@ def test_sleep_wake_serves_synced_weights(res):
     assert s["supported"] == torch.cuda.is_available() and s["enabled"] == s["supported"]
     assert s["diff_trainer_after_wake"] <= TOL
     assert "asleep" in res["generate_while_asleep"]
+    # vllm_sleep_level: 2 discards the weights: sampling is refused until the next sync, which restores them all
+    level2_refused = "call update_weights after wake()" in res["level2_before_sync"]
+    assert level2_refused == s["supported"], res["level2_before_sync"]
+    assert res["level2_diff_after_sync"] <= TOL
 
 
 def test_lora_policy_is_merged_for_the_push(res):

@@ -237,6 +237,8 @@ def test_runtime_errors_are_one_line():
         RuntimeConfig(device="gpu")
     with pytest.raises(ValueError, match="ref_reset_every with runtime.lora"):
         _grpo(ref_reset_every=10, runtime={"lora": {}})
+    with pytest.raises(ValueError, match="vllm_sleep_level"):
+        _grpo(vllm_sleep_level=3)
 
 
 def test_lora_sft_resume_is_bit_exact(base, tmp_path):
