@@ -114,6 +114,16 @@ def add_lora(model, lora: LoRAConfig):
         raise ConfigError(f"runtime.lora.target_modules: {e}") from None
 
 
+def compile_layers(model, rt: RuntimeConfig):
+    """runtime.compile: torch.compile each decoder layer in place (dynamic shapes), as torchtitan does per block: the
+    layers are alike, so they share one compiled graph, and the state-dict names do not change. Call it after
+    frozen_copy (a deepcopy would keep calling the original's compiled layers)."""
+    if rt.compile:
+        for layer in decoder_layers(model):
+            layer.compile(dynamic=True)
+    return model
+
+
 def frozen_copy(model, rt: RuntimeConfig):
     """A frozen copy of the starting policy for the KL reference, in reference_dtype; None under LoRA, where the
     reference is the policy itself with its adapter disabled (adapter_disabled), so no second copy exists."""
@@ -394,7 +404,7 @@ def decoder_layers(module) -> list:
     for name, m in module.named_modules():
         if name.rsplit(".", 1)[-1] == "layers" and isinstance(m, torch.nn.ModuleList):
             return list(m)
-    raise ValueError(f"runtime.distributed: fsdp2 found no decoder layers in {type(module).__name__}")
+    raise ValueError(f"runtime: found no decoder layers to shard or compile in {type(module).__name__}")
 
 
 def shard_fsdp2(module, opt, device: torch.device):

@@ -102,6 +102,10 @@ class RuntimeConfig(Strict):
     mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast of the forward passes over `dtype` weights
     reference_dtype: Literal["same", "float32", "bfloat16", "float16"] = "same"  # the frozen reference / teacher
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
+    # torch.compile each decoder layer (dynamic shapes) of the trained model and its frozen reference / teacher, for
+    # the training forward passes of sft, grpo and distill; samplers run the layers eagerly. Pays on GPUs; on CPU at
+    # the tiny recipes' sizes the ~1 min of compiling outweighs the step it saves (docs/runtime.md)
+    compile: bool = False
     lora: LoRAConfig | None = None
     # under torchrun: auto = DDP when WORLD_SIZE > 1 (DeepSpeed under `accelerate launch` with a DeepSpeed config);
     # ddp; fsdp2 = FSDP2 fully_shard per decoder layer + the loss module; deepspeed = ZeRO (zero_stage) through
@@ -118,6 +122,8 @@ class RuntimeConfig(Strict):
     def _sharded_lora(self):
         if self.distributed in ("fsdp2", "deepspeed") and self.lora is not None:
             raise ValueError(f"runtime.distributed: {self.distributed} with runtime.lora is not supported (use ddp)")
+        if self.compile and self.distributed in ("fsdp2", "deepspeed"):
+            raise ValueError(f"runtime.compile: not supported with distributed: {self.distributed} (use ddp)")
         return self
 
     @field_validator("device")

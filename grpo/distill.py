@@ -31,8 +31,9 @@ import torch
 from rich.console import Console
 
 from grpo import algo, checkpoint
-from grpo.accel import (active_params, autocast, load_frozen, load_trainable, make_optimizer, open_metrics, optimizer_step,
-                        prepare_trainable, progress, seed_everything, stage_device, to_device)
+from grpo.accel import (active_params, autocast, compile_layers, load_frozen, load_trainable, make_optimizer,
+                        open_metrics, optimizer_step, prepare_trainable, progress, seed_everything, stage_device,
+                        to_device)
 from grpo.config import ConfigError, DistillConfig, SFTConfig, stage_runner
 from grpo.data import load_rows
 from grpo.kernels.logprob import fused_logprob
@@ -125,7 +126,7 @@ def load_pair(cfg: DistillConfig, model_path: str | None, console: Console):
         student = prepare_trainable(student, cfg.runtime)
     else:
         student, tok = load_trainable(model_path, cfg.runtime)
-    return student, teacher, tok
+    return compile_layers(student, cfg.runtime), compile_layers(teacher, cfg.runtime), tok
 
 
 def _need_fused(model, role: str, what: str) -> None:

@@ -33,9 +33,9 @@ from rich.console import Console
 from torch import nn
 
 from grpo import checkpoint
-from grpo.accel import (active_params, autocast, backward, barrier, check_replicas, describe, distributed,
-                        is_deepspeed, load_trainable, make_optimizer, open_metrics, optimizer_step, prepare_trainable,
-                        progress, seed_everything, stage_device, to_device)
+from grpo.accel import (active_params, autocast, backward, barrier, check_replicas, compile_layers, describe,
+                        distributed, is_deepspeed, load_trainable, make_optimizer, open_metrics, optimizer_step,
+                        prepare_trainable, progress, seed_everything, stage_device, to_device)
 from grpo.config import ConfigError, SFTConfig, TokenizerConfig
 from grpo.data import DataError, load_rows
 from grpo.data.tokenizer import train_bpe
@@ -338,7 +338,7 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
         start, spent = state["step"], state.get("compute", spent)
         if int(os.environ.get("RANK", "0")) == 0:
             console.print(f"\\[sft] resumed from {last} at step {start}")
-    n_active = active_params(model)
+    n_active = active_params(compile_layers(model, rt))
     # the loss module goes to DDP / FSDP2 (its forward is the whole loss); `model` stays the plain LM for saving
     wrapped, opt, rank, world = distributed(LossModule(model), opt, rt, cfg.max_grad_norm)
     if resuming:  # FSDP2 / DeepSpeed: this rank's optimizer shard and RNG (a no-op otherwise)

@@ -33,9 +33,9 @@ import rewards as reward_lib
 from rewards.runner import PerReward
 from grpo import algo, checkpoint, dynamic
 from grpo.accel import (Trackers, active_params, adapter_disabled, apply_gradients, autocast, backward, barrier,
-                        check_replicas, describe, distributed, for_generation, frozen_copy, full_state_dict, is_fsdp2,
-                        load_trainable, make_optimizer, progress, reduce_metrics, seed_everything, stage_device,
-                        to_device, zero3)
+                        check_replicas, compile_layers, describe, distributed, for_generation, frozen_copy,
+                        full_state_dict, is_fsdp2, load_trainable, make_optimizer, progress, reduce_metrics,
+                        seed_everything, stage_device, to_device, zero3)
 from grpo.config import GRPOConfig
 from grpo.data import load_rows
 from grpo.logprobs import TokenLogprobs, build_batch, micro_slices, policy_logprobs
@@ -102,7 +102,9 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
         if ref is not None and "reference" in state:  # reset since the start: the reference of that step
             ref.lm.load_state_dict(state["reference"])
         console.print(f"\\[grpo] resumed from {last} at step {start}")
-    policy = model  # the plain module: sampling, checkpoints and weight pushes use it
+    policy = compile_layers(model, rt)  # the plain module: sampling, checkpoints and weight pushes use it
+    if ref is not None:
+        compile_layers(ref.lm, rt)
     n_active = active_params(policy)
     local = TokenLogprobs(policy)  # fused log-probs from the policy's hidden states (grpo/logprobs.py)
     # the KL reference: the frozen copy, or under LoRA the policy itself with its adapter disabled

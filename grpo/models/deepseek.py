@@ -376,6 +376,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
+    @torch.compiler.disable  # runtime.compile: the sorted-row kernel (data-dependent sizes, C loops) runs eagerly
     def forward(self, x, topk_ids, topk_weights):
         """x [N,D], experts [N,K] with weights [N,K] -> [N,D] (a module call, so peft's LoRA on these 3-D
         parameters, target_parameters, applies)."""

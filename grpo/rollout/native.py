@@ -185,6 +185,7 @@ class NativeWorker:
         """No separate memory to restore."""
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")  # runtime.compile'd layers: decoding stays eager (no recompiles)
     def score(self, sequences: list[list[int]], starts: list[int], temperature: float = 1.0) -> list[list[float]]:
         """Teacher-forced log_softmax(logits / T) of seq[j] for j >= start, one right-padded forward per call."""
         device = next(self.model.parameters()).device
@@ -203,6 +204,7 @@ class NativeWorker:
                 for i, (s, start) in enumerate(zip(sequences, starts))]
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")  # runtime.compile'd layers: decoding stays eager (no recompiles)
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
         """len(prompt_ids) * n completions, prompt-major; prompts run in length buckets of <= max_batch_size rows."""
         prompts = [fit_prompt(p, sampling.max_tokens, self.max_model_len, self.truncate) for p in prompt_ids]
