@@ -222,6 +222,9 @@ class GRPOConfig(OptimFields):
     # colocated vLLM (GPU) between rollout and update: 1 offloads its weights to host RAM and frees the KV cache;
     # 2 discards the weights too (less host RAM; the sync after waking refills every parameter)
     vllm_sleep_level: Literal[1, 2] = 1
+    # colocated vLLM under torchrun: each engine a shard of one model over this many consecutive ranks, which pool
+    # their prompts and each keep their own completions (a model too big for one GPU's share)
+    vllm_tensor_parallel_size: int = Field(1, ge=1)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     group_size: int = Field(8, ge=2)
     prompts_per_step: int = Field(16, ge=1)
@@ -258,6 +261,10 @@ class GRPOConfig(OptimFields):
             raise ValueError("ref_reset_every with runtime.lora: the reference is the adapter-free base model")
         if self.routing_replay and self.rollout != "native":
             raise ValueError("routing_replay needs rollout: native (the vLLM worker does not return routed experts)")
+        if self.vllm_tensor_parallel_size > 1 and self.rollout != "vllm":
+            raise ValueError("vllm_tensor_parallel_size needs rollout: vllm")
+        if self.vllm_tensor_parallel_size > 1 and self.dynamic_sampling:  # ranks may draw different numbers of times
+            raise ValueError("vllm_tensor_parallel_size > 1 with dynamic_sampling is not supported")
         return self
 
 

@@ -126,7 +126,8 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
     if cfg.routing_replay and not hasattr(policy, "routed_layers"):
         raise ValueError(f"routing_replay: {model_path} is not r1kit's DeepSeek MoE model (no routed experts)")
     worker = make_worker(cfg.rollout, policy, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                         seed=cfg.seed, record_routing=cfg.routing_replay, sleep_level=cfg.vllm_sleep_level)
+                         seed=cfg.seed, record_routing=cfg.routing_replay, sleep_level=cfg.vllm_sleep_level,
+                         tensor_parallel_size=cfg.vllm_tensor_parallel_size)
     worker = for_generation(worker, scorer)  # FSDP2: generate on unsharded weights, no collective inside
     if start > 0:
         worker.update_weights(policy)  # the module: parameters plus persistent buffers (MoE router bias)

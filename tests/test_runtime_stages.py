@@ -278,6 +278,10 @@ def test_runtime_errors_are_one_line():
         _grpo(ref_reset_every=10, runtime={"lora": {}})
     with pytest.raises(ValueError, match="vllm_sleep_level"):
         _grpo(vllm_sleep_level=3)
+    with pytest.raises(ValueError, match="vllm_tensor_parallel_size needs rollout: vllm"):
+        _grpo(vllm_tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="vllm_tensor_parallel_size > 1 with dynamic_sampling"):
+        _grpo(rollout="vllm", vllm_tensor_parallel_size=2, dynamic_sampling={"max_batches": 2})
 
 
 def test_lora_sft_resume_is_bit_exact(base, tmp_path):

