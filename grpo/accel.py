@@ -495,14 +495,12 @@ class GatheredForGeneration:
 
 
 def for_generation(worker, scorer):
-    """`worker`, or under FSDP2 (native sampler) a GatheredForGeneration around it; vLLM under FSDP2 is refused
-    (its weight push reads the policy's parameters, which are shards there)."""
-    if not is_fsdp2(scorer):
-        return worker
+    """`worker`, or under FSDP2 with the native sampler a GatheredForGeneration around it (vLLM holds its own
+    weights: its push gathers the shards tensor by tensor, rollout/vllm.py sync_tensors)."""
     from grpo.rollout.native import NativeWorker
 
-    if not isinstance(worker, NativeWorker):
-        raise ValueError("rollout: runtime.distributed fsdp2 needs rollout: native (vLLM weight sync is not sharded)")
+    if not is_fsdp2(scorer) or not isinstance(worker, NativeWorker):
+        return worker
     return GatheredForGeneration(worker, scorer)
 
 

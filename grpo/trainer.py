@@ -129,6 +129,8 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                          seed=cfg.seed, record_routing=cfg.routing_replay, sleep_level=cfg.vllm_sleep_level,
                          tensor_parallel_size=cfg.vllm_tensor_parallel_size)
     worker = for_generation(worker, scorer)  # FSDP2: generate on unsharded weights, no collective inside
+    if main and getattr(worker, "tp_group", None) is not None:  # vLLM's own group (vllm_tensor_parallel_size)
+        console.print(f"\\[grpo] vLLM tensor parallel: ranks {worker.tp_group.ranks} run one engine, a shard each")
     if start > 0:
         worker.update_weights(policy)  # the module: parameters plus persistent buffers (MoE router bias)
     prompts = [render(cfg.template, r["prompt"], tok, **{k: v for k, v in r.items() if k != "prompt"}) for r in rows]

@@ -101,8 +101,15 @@ def sync_tensors(policy) -> Iterator[tuple[str, torch.Tensor]]:
     if not hasattr(policy, "merge_adapter"):  # parameters + persistent buffers (e.g. MoE router bias)
         # r1kit's DeepSeek MTP layers (`mtp.*`) are not part of vLLM's main model (a speculative-decoding drafter
         # keeps the MTP weights it loaded: it only proposes tokens, the target model accepts or rejects them)
-        return ((clean_name(n), t) for n, t in policy.state_dict(keep_vars=True).items() if not n.startswith("mtp."))
+        return ((clean_name(n), _full(t)) for n, t in policy.state_dict(keep_vars=True).items()
+                if not n.startswith("mtp."))
     return _merged_peft(policy)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 shard (DTensor) all-gathered into the full tensor, as the stream reaches it: every rank pushes to its
+    own engine in the same order, so the gathers pair up, and at most one bucket is ever gathered at once."""
+    return t.detach().full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _merged_peft(policy) -> Iterator[tuple[str, torch.Tensor]]:
