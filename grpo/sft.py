@@ -338,7 +338,8 @@ def train(cfg: SFTConfig, model_path: str | None, out_dir: Path, console: Consol
         start, spent = state["step"], state.get("compute", spent)
         if int(os.environ.get("RANK", "0")) == 0:
             console.print(f"\\[sft] resumed from {last} at step {start}")
-    n_active = active_params(compile_layers(model, rt))
+    compile_layers(model, rt)  # runtime.compile: in place, before DDP / FSDP2 wrap the loss module
+    n_active = active_params(model)
     # the loss module goes to DDP / FSDP2 (its forward is the whole loss); `model` stays the plain LM for saving
     wrapped, opt, rank, world = distributed(LossModule(model), opt, rt, cfg.max_grad_norm)
     if resuming:  # FSDP2 / DeepSpeed: this rank's optimizer shard and RNG (a no-op otherwise)
