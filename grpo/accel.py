@@ -8,7 +8,7 @@ a reference/teacher dtype, gradient checkpointing and a LoRA adapter through pef
 Scale-out (`runtime.distributed`): DDP through accelerate, FSDP2 (torch's fully_shard on each decoder layer, then
 on the module that runs the whole loss forward), or DeepSpeed ZeRO-2/3 through accelerate's DeepSpeed plugin, for SFT
 and GRPO, on accelerate's process group (gloo on CPU). The loops call backward() and apply_gradients() here, which
-become the DeepSpeed engine's own calls under ZeRO.
+become the DeepSpeed engine's own calls under ZeRO. Under FSDP2 and ZeRO the frozen GRPO reference is sharded too.
 Simplifications: FSDP2 and ZeRO without LoRA only, GRPO under ZeRO-2 only; fp16 is not offered (it needs loss
 scaling); with LoRA a checkpoint's merged weights come from a temporary merged copy.
 """
@@ -435,6 +435,51 @@ def shard_fsdp2(module, opt, device: torch.device):
         for group in opt.param_groups:
             group["params"] = [sharded[names[id(p)]] for p in group["params"]]
     return module
+
+
+def shard_frozen(frozen, wrapped, world: int, device: torch.device):
+    """A sharded run's frozen module (the GRPO reference), sharded too: under FSDP2 or DeepSpeed ZeRO `frozen` gets
+    shard_fsdp2's layout, so each rank holds 1/world of it and its no-grad forward all-gathers one layer at a time
+    (ZeRO-3 inference; TRL keeps it whole under ZeRO-2). Unchanged under DDP or in one process."""
+    if world == 1 or not (is_fsdp2(wrapped) or is_deepspeed(wrapped)):
+        return frozen
+    return shard_fsdp2(frozen, None, device)
+
+
+def reshard(module) -> None:
+    """Free the weights an FSDP2 root keeps gathered after its forward (it expects a backward next; a frozen
+    module runs none). A no-op for any other module."""
+    if hasattr(module, "reshard"):
+        module.reshard()
+
+
+def local_elements(module) -> tuple[int, int]:
+    """(parameter elements this rank holds, elements of the whole model): equal unless FSDP2 shards it."""
+    params = list(module.parameters())
+    return (sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params),
+            sum(p.numel() for p in params))
+
+
+def copy_weights(dst, src) -> None:
+    """dst's weights and buffers := src's (GRPO's reference reset; same names, any dtypes). Where dst is
+    FSDP2-sharded each rank writes only its own shard: from src's shard when src is sharded alike (no gather), or
+    from src's whole tensor's matching chunk (distribute_tensor without communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not is_fsdp2(dst):
+        dst.load_state_dict(full_state_dict(src))
+        return
+    whole = src.state_dict()
+    with torch.no_grad():
+        for name, t in dst.state_dict().items():
+            v = whole[name]
+            if isinstance(t, DTensor):
+                if not isinstance(v, DTensor) or v.placements != t.placements:
+                    v = distribute_tensor(v.full_tensor() if isinstance(v, DTensor) else v, t.device_mesh,
+                                          t.placements, src_data_rank=None)
+                t.to_local().copy_(v.to_local())
+            else:
+                t.copy_(v.full_tensor() if isinstance(v, DTensor) else v)
 
 
 def is_fsdp2(module) -> bool:

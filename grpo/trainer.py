@@ -33,9 +33,10 @@ import rewards as reward_lib
 from rewards.runner import PerReward
 from grpo import algo, checkpoint, dynamic
 from grpo.accel import (Trackers, active_params, adapter_disabled, apply_gradients, autocast, backward, barrier,
-                        check_replicas, compile_layers, describe, distributed, for_generation, frozen_copy,
-                        full_state_dict, is_fsdp2, load_trainable, make_optimizer, progress, reduce_metrics,
-                        seed_everything, stage_device, to_device, zero3)
+                        check_replicas, compile_layers, copy_weights, describe, distributed, for_generation,
+                        frozen_copy, full_state_dict, is_fsdp2, load_trainable, local_elements, make_optimizer,
+                        progress, reduce_metrics, reshard, seed_everything, shard_frozen, stage_device, to_device,
+                        zero3)
 from grpo.config import GRPOConfig
 from grpo.data import load_rows
 from grpo.logprobs import TokenLogprobs, build_batch, micro_slices, policy_logprobs
@@ -114,6 +115,10 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
     scorer, opt, rank, world = distributed(local, opt, rt, cfg.max_grad_norm)
     if zero3(scorer):  # the sampler and the reference reset read the policy's weights, partitioned under ZeRO-3
         raise ValueError("runtime.zero_stage: GRPO supports DeepSpeed ZeRO-2 (use 2, or distributed: fsdp2)")
+    # FSDP2 / ZeRO: the reference is sharded as well (each rank 1/world of it). Not with dynamic sampling (ZeRO-2
+    # only), where ranks may keep different numbers of groups, so run different numbers of reference forwards
+    if ref is not None and not cfg.dynamic_sampling:
+        shard_frozen(ref, scorer, world, device)
     if start > 0:  # FSDP2 / DeepSpeed: this rank's optimizer shard and RNG (a no-op otherwise)
         checkpoint.load_shard(last, opt, scorer)
     if is_fsdp2(scorer) and cfg.dynamic_sampling:  # ranks would run different numbers of sharded forwards
@@ -122,7 +127,9 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide evenly over {world} processes")
     main = rank == 0
     if world > 1 and main:
-        console.print(f"\\[grpo] {describe(scorer, world)}")
+        held, total = local_elements(ref) if ref is not None else (0, 0)
+        console.print(f"\\[grpo] {describe(scorer, world)}" + (f"; KL reference sharded too: rank 0 holds {held} of "
+                                                               f"{total} elements" if held < total else ""))
     if cfg.routing_replay and not hasattr(policy, "routed_layers"):
         raise ValueError(f"routing_replay: {model_path} is not r1kit's DeepSeek MoE model (no routed experts)")
     worker = make_worker(cfg.rollout, policy, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
@@ -201,6 +208,8 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 if cfg.beta > 0:
                     with ref_context():
                         ref_lp = torch.cat([policy_logprobs(ref_scorer, batch, m, sp.temperature)[0] for m in micro])
+                    if ref is not None:
+                        reshard(ref)  # a sharded reference frees the embedding and head it gathered
                 t_old = time.perf_counter()
                 old_lp = torch.cat([policy_logprobs(local, batch, m, sp.temperature, replay=cfg.routing_replay)[0]
                                     for m in micro]) if cfg.num_iterations > 1 else None
@@ -230,7 +239,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 raise FloatingPointError(f"grpo step {step + 1}: the gradient was not finite in {nonfinite} steps in "
                                          f"a row (updates skipped); lower learning_rate or check the rewards")
             if ref is not None and cfg.ref_reset_every and (step + 1) % cfg.ref_reset_every == 0:
-                ref.lm.load_state_dict(full_state_dict(policy))  # R1: the reference becomes the current policy
+                copy_weights(ref.lm, policy)  # R1: the reference becomes the current policy (shard by shard)
             timers["time/update"] = time.perf_counter() - t_update
             # 4. push the new weights to the sampler (a no-op for the native engine, which shares them)
             t_sync = time.perf_counter()
@@ -270,7 +279,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 check_replicas(policy, world, "GRPO")
                 state = {"step": step + 1, "cursor": cursor, "compute": dict(spent)}
                 if ref is not None and cfg.ref_reset_every:
-                    state["reference"] = ref.lm.state_dict()
+                    state["reference"] = full_state_dict(ref.lm, rank0_only=True)  # every rank: it may gather
                 checkpoint.save(last, policy, tok, state, opt, sched, scorer)  # every rank: rank 0 writes
     check_replicas(policy, world, "GRPO")
     final = out_dir / "final"

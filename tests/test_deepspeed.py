@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from grpo.config import RuntimeConfig
 from tests.helpers import tiny_checkpoint
-from tests.test_fsdp import RTOL, max_abs, max_rel, weights
+from tests.test_fsdp import RTOL, max_abs, max_rel, reference_held, weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,6 +79,9 @@ def test_zero2_and_zero3_match_ddp_and_resume_exactly(tmp_path):
         assert a["num_processes"] == 2 and a["completions/mean_length"] == b["completions/mean_length"]
         assert abs(a["grad_norm"] - b["grad_norm"]) <= RTOL * b["grad_norm"]
     assert all(torch.equal(v, g["zero2"][k]) for k, v in g["resumed"].items())
+    held, total = reference_held(out / "grpo_zero2")  # the reference is sharded under ZeRO-2 too
+    print(f"GRPO reference under ZeRO-2: rank 0 holds {held} of {total} elements")
+    assert total == c["zero2"]["total"] and abs(held - total / 2) <= 0.03 * total / 2
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in log(out / "grpo_resumed")] == \
         [(r["step"], r["loss"], r["grad_norm"]) for r in log(out / "grpo_zero2")[2:]]
 

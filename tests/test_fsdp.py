@@ -10,6 +10,7 @@ while the tensor's norm-relative difference was ~3e-7. The checks use each tenso
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,14 @@ def max_rel(a: dict, b: dict) -> float:
 def max_abs(a: dict, b: dict) -> float:
     """max over every element of |a - b| (printed beside max_rel)."""
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def reference_held(run: Path) -> tuple[int, int]:
+    """(elements of the KL reference rank 0 holds, elements in all) from the trainer's first line in `run`."""
+    text = (run / "console.txt").read_text()
+    found = re.search(r"KL reference sharded too: rank 0 holds (\d+) of (\d+) elements", text)
+    assert found, text[-2000:]
+    return int(found[1]), int(found[2])
 
 
 def test_fsdp2_matches_ddp_and_one_process(tmp_path):
@@ -116,6 +125,11 @@ def test_fsdp2_matches_ddp_and_one_process(tmp_path):
         [(r["step"], r["loss"], r["grad_norm"]) for r in gl["fsdp2"][2:]]
     # the consolidated checkpoint is a plain HF directory with one copy of the tied embedding/head
     assert sorted(g["fsdp2"]) == sorted(start)
+    # the KL reference is sharded too (the trainer counts rank 0's elements of it), and it is what the
+    # DDP-equal, bit-exact-resumed runs above used, through its reset at step 2 and the saved reference
+    held, total = reference_held(out / "grpo_fsdp2")
+    print(f"GRPO reference under FSDP2: rank 0 holds {held} of {total} elements")
+    assert total == c["total"] and abs(held - total / 2) <= 0.03 * total / 2
 
 
 def test_distributed_config_errors():
