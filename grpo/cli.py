@@ -112,14 +112,16 @@ def preflight(sections, output: Path | None = None, recipe: bool = False) -> Non
 def _run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     preflight([(s, recipe.sections[s]) for s in recipe.stages], Path(recipe.output_dir), recipe=True)
-    if (args.device != "cpu" or args.full_size) and not args.dry_run:
-        raise ConfigError("--device/--full-size: only for --dry-run; a real run takes each stage's runtime")
+    if (args.device != "cpu" or args.full_size or args.gpus != 1) and not args.dry_run:
+        raise ConfigError("--device/--full-size/--gpus: only for --dry-run; a real run takes each stage's runtime")
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus: {args.gpus}; give 1 or more")
     if args.dry_run:  # every stage one step on CPU stand-ins, and the memory plan of the real models
         from rich.console import Console
 
         from grpo.plan import dry_run
 
-        dry_run(recipe, Console(), args.gpu_memory, args.device, args.full_size)
+        dry_run(recipe, Console(), args.gpu_memory, args.device, args.full_size, args.gpus)
         return 0
     from grpo import pipeline
 
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="validate, run each stage one step on CPU with tiny stand-ins, print the memory plan per GPU")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU for the --dry-run plan")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (one process each) the --dry-run plan spreads over: "
+                   "what each stage's runtime.distributed shards is divided by it")
     p.add_argument("--device", default="cpu", help="where --dry-run runs its stand-in steps: cpu (fp32, native "
                    "sampling) or cuda[:N] (the recipe's precision and sampler; bench/gpu_check.sh)")
     p.add_argument("--full-size", action="store_true", help="--dry-run stand-ins at the real models' shapes "

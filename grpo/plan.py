@@ -8,7 +8,11 @@ Simplifications: activations follow Korthikanti et al. 2022 (34 s·b·h bytes pe
 attention scores excluded as sdpa/flash never store them; with gradient checkpointing a layer's input, 2 s·b·h,
 plus one layer recomputed); AdamW keeps two moments in the parameters' dtype; vLLM's KV cache is what the step
 takes the rest of its gpu_memory_utilization share (compared with a step's prompts x G x (512 + max_tokens)
-tokens), its weights bf16. One GPU per process, each holding everything (no sharding yet).
+tokens), its weights bf16. With --gpus N (one process per GPU) the parts the stage's runtime.distributed shards
+are divided by N: FSDP2 the weights, gradients, moments and GRPO reference, plus the units gathered in flight (the
+root: embedding, norm, head; one layer); ZeRO-2 the gradients, moments and reference; ZeRO-3 the weights too; DDP
+(auto) and the one-process stages (distill, reject, eval) nothing. vLLM's weights are divided by its tensor-parallel
+size (the KV cache's bytes per token are counted whole: a lower bound on its tokens under tensor parallelism).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from grpo.accel import DTYPES, frozen_dtype
+from grpo.accel import DTYPES, decoder_layers, frozen_dtype
 from grpo.config import STAGES, ConfigError, DataConfig, RecipeConfig, stage_runner
 
 # config.json of the models the GPU recipes name (the fields that set shapes), so a dry run needs no hub
@@ -71,11 +75,14 @@ def _build(cfg: dict, dtype=torch.float32):
 
 
 def shapes(path: str, lora=None) -> dict:
-    """Exact counts on the meta device: params, trainable (LoRA or all), layers, hidden, KV bytes per token (bf16)."""
+    """Exact counts on the meta device: params, trainable (LoRA or all), layers, hidden, KV bytes per token (bf16),
+    and the FSDP units gathered in flight: `root` (what is outside the decoder layers) and `layer` (the largest)."""
     cfg = real_config(path)
     with torch.device("meta"):
         model = _build(cfg)
         n = sum(p.numel() for p in model.parameters())
+        layer = max(sum(p.numel() for p in m.parameters()) for m in decoder_layers(model))
+        root = n - sum(sum(p.numel() for p in m.parameters()) for m in decoder_layers(model))
         trainable = n
         if lora is not None:
             from grpo.accel import add_lora
@@ -88,22 +95,34 @@ def shapes(path: str, lora=None) -> dict:
     else:
         head_dim = getattr(c, "head_dim", None) or hidden // c.num_attention_heads
         kv = layers * 2 * c.num_key_value_heads * head_dim * 2
-    return {"params": n, "trainable": trainable, "layers": layers, "hidden": hidden, "kv_bytes_per_token": kv}
+    return {"params": n, "trainable": trainable, "layers": layers, "hidden": hidden, "kv_bytes_per_token": kv,
+            "root": root, "layer": layer}
 
 
-def memory_plan(sec, model: str, gpu_gib: float = 80.0) -> list[tuple[str, float]]:
-    """[(part, GiB per GPU)] for one stage on `model` as configured: a training stage's weights, gradients, AdamW
-    moments, reference or teacher and activations; a sampling stage's weights; vLLM's weights and KV cache."""
+def memory_plan(sec, model: str, gpu_gib: float = 80.0, gpus: int = 1) -> list[tuple[str, float]]:
+    """[(part, GiB per GPU)] for one stage on `model` as configured, over `gpus` processes: a training stage's
+    weights, gradients, AdamW moments, reference or teacher and activations; a sampling stage's weights; vLLM's
+    weights and KV cache."""
     rt, kind = sec.runtime, sec.kind
     training = kind in ("sft", "grpo", "distill")
     s = shapes(model, rt.lora if training else None)
     b_w = DTYPES[rt.dtype].itemsize
+    # what runtime.distributed shards over the gpus (grpo.accel: distributed, shard_frozen); distill runs alone
+    how = rt.distributed if gpus > 1 and kind in ("sft", "grpo") else "one"
+    w_div = gpus if how == "fsdp2" or (how == "deepspeed" and rt.zero_stage == 3) else 1
+    opt_div = gpus if how in ("fsdp2", "deepspeed") else 1
     rows = []
     if training:
-        rows += [("weights", s["params"] * b_w), ("gradients", s["trainable"] * b_w),
-                 ("AdamW moments", 2 * s["trainable"] * b_w)]
+        tag = f" (1/{gpus})" if gpus > 1 else ""
+        rows += [("weights" + (tag if w_div > 1 else ""), s["params"] * b_w / w_div),
+                 ("gradients" + (tag if opt_div > 1 else ""), s["trainable"] * b_w / opt_div),
+                 ("AdamW moments" + (tag if opt_div > 1 else ""), 2 * s["trainable"] * b_w / opt_div)]
+        if w_div > 1:  # the FSDP2 root stays gathered through forward and backward, plus one layer at a time
+            rows.append(("gathered in flight (embedding/head unit + one layer)", (s["root"] + s["layer"]) * b_w))
         if kind == "grpo" and sec.beta > 0 and rt.lora is None:
-            rows.append(("reference", s["params"] * frozen_dtype(rt).itemsize))
+            ref_div = opt_div if not sec.dynamic_sampling else 1
+            rows.append(("reference" + (tag if ref_div > 1 else ""),
+                         s["params"] * frozen_dtype(rt).itemsize / ref_div))
         if kind == "distill" and sec.teacher is not None:
             rows.append(("teacher", shapes(sec.teacher)["params"] * frozen_dtype(rt).itemsize))
         seq, batch = ((512 + sec.sampling.max_tokens, sec.micro_batch_size) if kind == "grpo"
@@ -122,12 +141,13 @@ def memory_plan(sec, model: str, gpu_gib: float = 80.0) -> list[tuple[str, float
         tokens = min(256, prompts * n) * (512 + sec.sampling.max_tokens)
         rows.append((f"native sampler KV cache ({tokens:,} tokens)", tokens * s["kv_bytes_per_token"] * b_w / 2))
     if getattr(sec, "rollout", None) == "vllm":  # vLLM takes gpu_memory_utilization of the GPU: weights, then KV
-        reserve, weights = sec.vllm_gpu_memory_utilization * gpu_gib * GiB, s["params"] * 2
+        tp = getattr(sec, "vllm_tensor_parallel_size", 1)
+        reserve, weights = sec.vllm_gpu_memory_utilization * gpu_gib * GiB, s["params"] * 2 / tp
         prompts = getattr(sec, "prompts_per_step", None) or getattr(sec, "shard_size", None) or 256
         n = getattr(sec, "group_size", None) or getattr(sec, "samples_per_prompt", None) or getattr(sec, "k", 1)
         need = prompts * n * (512 + sec.sampling.max_tokens)  # every sequence of a step (or a shard) at full length
         cap = max(0, int((reserve - weights) // s["kv_bytes_per_token"]))
-        rows += [("vLLM weights (bf16)", weights),
+        rows += [("vLLM weights (bf16" + (f", 1/{tp}: tensor parallel" if tp > 1 else "") + ")", weights),
                  (f"vLLM KV cache, the rest of {sec.vllm_gpu_memory_utilization:.0%} of the GPU: {cap:,} tokens "
                   f"({'enough for' if cap >= need else 'in waves:'} {need:,} in flight at most)",
                   max(0.0, reserve - weights))]
@@ -206,8 +226,19 @@ def _shrunk(sec, models: dict[str, str], device: str = "cpu"):
     return sec.model_copy(update=update)
 
 
+def check_split(name: str, sec, gpus: int) -> None:
+    """The batch fields a run over `gpus` processes splits must divide evenly (the stages' own checks, made before
+    any GPU is taken): GRPO's prompts_per_step and vLLM tensor-parallel size, SFT's batch_size."""
+    for field in ("prompts_per_step", "batch_size"):
+        if sec.kind in ("sft", "grpo") and hasattr(sec, field) and getattr(sec, field) % gpus:
+            raise ConfigError(f"{name}.{field}={getattr(sec, field)} must divide evenly over --gpus {gpus}")
+    tp = getattr(sec, "vllm_tensor_parallel_size", 1)
+    if sec.kind == "grpo" and gpus % tp:
+        raise ConfigError(f"{name}.vllm_tensor_parallel_size={tp} must divide --gpus {gpus}")
+
+
 def dry_run(recipe: RecipeConfig, console: Console, gpu_gib: float = 80.0, device: str = "cpu",
-            full_size: bool = False) -> None:
+            full_size: bool = False, gpus: int = 1) -> None:
     """Validate, run each stage one step with stand-ins (on CPU, or on `device`: bench/gpu_check.sh runs every
     GPU recipe so on CUDA, full_size for real-shaped weights), print each stage's timings and memory plan."""
     from grpo.data import load_rows
@@ -232,7 +263,8 @@ def dry_run(recipe: RecipeConfig, console: Console, gpu_gib: float = 80.0, devic
             model = sec.model or current_real
             if isinstance(model, str) and model.startswith("stage:"):
                 model = real.get(model[6:])
-            plan = memory_plan(sec, model, gpu_gib) if model else []
+            check_split(name, sec, gpus)
+            plan = memory_plan(sec, model, gpu_gib, gpus) if model else []
             small = resolve_refs(_shrunk(sec, models, device), dirs, name)
             stage_dir = dirs[name] = tmp / "run" / f"{i:02d}-{name}"
             console.rule(f"[bold]dry run {i}: {name} ({sec.kind})")
@@ -246,8 +278,10 @@ def dry_run(recipe: RecipeConfig, console: Console, gpu_gib: float = 80.0, devic
             if STAGES[sec.kind].chains:
                 current, current_real = str(stage_dir / "final"), model
             if plan:
+                how = sec.runtime.distributed if sec.kind in ("sft", "grpo") else "not sharded"
+                spread = f", {how} over {gpus} GPUs" if gpus > 1 else ""
                 table = Table(title=f"{name}: memory per GPU for {model} "
-                                    f"(dtype {sec.runtime.dtype}{', LoRA' if sec.runtime.lora else ''})")
+                                    f"(dtype {sec.runtime.dtype}{', LoRA' if sec.runtime.lora else ''}{spread})")
                 table.add_column("part")
                 table.add_column("GiB", justify="right")
                 for part, gib in plan:
@@ -256,4 +290,4 @@ def dry_run(recipe: RecipeConfig, console: Console, gpu_gib: float = 80.0, devic
                 table.add_row("total", f"{total:.2f}" + (" (over the GPU's memory)" if total > gpu_gib else ""))
                 console.print(table)
         console.print(f"\\[dry-run] {recipe.name}: every stage built and ran one step on {'CPU' if device == 'cpu' else device} stand-ins; "
-                      f"plans assume {gpu_gib:.0f} GiB GPUs")
+                      f"plans assume {gpus} x {gpu_gib:.0f} GiB GPUs")

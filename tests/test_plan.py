@@ -3,11 +3,12 @@ stand-ins of the same architecture, and prints a memory plan whose parameter cou
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from grpo import accel, cli
-from grpo.config import LoRAConfig, load_recipe
-from grpo.plan import GiB, _build, memory_plan, real_config, shapes
+from grpo.config import ConfigError, LoRAConfig, load_recipe
+from grpo.plan import GiB, _build, check_split, memory_plan, real_config, shapes
 
 GPU_RECIPES = ["gpu/r1-zero-qwen2.5-math-1.5b", "gpu/grpo-deepseek-v2-lite", "gpu/distill-r1-traces-qwen2.5-1.5b"]
 
@@ -35,6 +36,31 @@ def test_memory_plan_arithmetic():
     small = dict(memory_plan(lora, "Qwen/Qwen2.5-Math-1.5B"))
     assert "reference" not in small and small["gradients"] < 0.02 * small["weights"]
     assert small["AdamW moments"] == 2 * small["gradients"]
+
+
+def test_memory_plan_divides_what_the_configured_sharding_shards():
+    """Over 4 GPUs: FSDP2 divides weights, gradients, moments and the reference by 4 and adds the units it gathers
+    in flight (embedding/head root + one layer); ZeRO-2 divides all but the weights; DDP divides nothing. A batch
+    that does not split over the GPUs is a one-line error naming the field."""
+    sec = load_recipe("gpu/r1-zero-qwen2.5-math-1.5b").sections["grpo"]
+    s = shapes("Qwen/Qwen2.5-Math-1.5B")
+    one = dict(memory_plan(sec, "Qwen/Qwen2.5-Math-1.5B"))
+
+    def over4(distributed: str) -> dict:
+        rt = sec.runtime.model_copy(update={"distributed": distributed})
+        return {k.split(" (1/")[0]: v for k, v in memory_plan(sec.model_copy(update={"runtime": rt}),
+                                                             "Qwen/Qwen2.5-Math-1.5B", gpus=4)}
+
+    fsdp, zero2, ddp = over4("fsdp2"), over4("deepspeed"), over4("ddp")
+    for part in ("weights", "gradients", "AdamW moments", "reference"):
+        assert fsdp[part] == one[part] / 4 and zero2[part] == (one[part] if part == "weights" else one[part] / 4)
+    gathered = fsdp.pop("gathered in flight (embedding/head unit + one layer)")
+    # Qwen2.5-Math-1.5B ties its head: the root holds the 151936 x 1536 embedding, a layer 46.8M parameters
+    assert s["root"] == 151936 * 1536 + 1536 and 46e6 < s["layer"] < 48e6
+    assert gathered == (s["root"] + s["layer"]) * 4 / GiB
+    assert ddp == one and set(fsdp) == set(one)
+    with pytest.raises(ConfigError, match="grpo.prompts_per_step=32 must divide evenly over --gpus 3"):
+        check_split("grpo", sec, 3)
 
 
 def test_every_gpu_recipe_dry_runs_on_cpu(tmp_path, monkeypatch, capsys):
@@ -69,7 +95,7 @@ def test_full_size_stand_in_has_the_real_shapes(tmp_path):
 
 def test_device_flags_are_for_dry_runs_only(capsys):
     assert cli.main(["run", "r1-zero-tiny", "--device", "cuda"]) == 2
-    assert "--device/--full-size: only for --dry-run" in capsys.readouterr().err
+    assert "--device/--full-size/--gpus: only for --dry-run" in capsys.readouterr().err
 
 
 def test_gpu_check_covers_every_gpu_recipe_and_refuses_a_cpu(tmp_path):
