@@ -549,6 +549,17 @@ def for_generation(worker, scorer):
     return GatheredForGeneration(worker, scorer)
 
 
+def all_sum(x: float, world: int) -> float:
+    """The sum of x over ranks (float64 all-reduce), x itself in one process."""
+    if world == 1:
+        return x
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
 def reduce_metrics(metrics: dict[str, float], world: int) -> dict[str, float]:
     """Average scalar metrics over ranks (min/max lengths by min/max)."""
     if world == 1:

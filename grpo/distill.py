@@ -14,15 +14,19 @@ Memory: neither model's [B, T, V] logits exist. The divergences stream over rows
 hidden states in chunks of `chunk_size`: per chunk both models' logits [chunk, V], the divergence, and its gradient
 w.r.t. the student's logits, which is folded into d hidden and d head at once (as Liger's fused losses), so peak
 extra memory is O(chunk_size x V). Token log-probs (the advantage form) go through fused_logprob (grpo/logprobs.py).
-Simplifications: one process (no DDP); no resume (only the final checkpoint, written atomically); kd batches
+Under torchrun, kd trains data parallel as SFT does (`batch_size` is the global batch, each rank its contiguous
+share, the mean over the global batch's positions); under FSDP2 and ZeRO the teacher is sharded like GRPO's reference.
+Simplifications: on_policy runs in one process; no resume (only the final checkpoint, written atomically); kd batches
 sample rows with replacement; one optimizer step per batch of samples (the advantage form's ratio is 1); the
 advantage form averages over all tokens of the batch (`bnpo`); on_policy samples with the native engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -31,9 +35,10 @@ import torch
 from rich.console import Console
 
 from grpo import algo, checkpoint
-from grpo.accel import (active_params, autocast, compile_layers, load_frozen, load_trainable, make_optimizer,
-                        open_metrics, optimizer_step, prepare_trainable, progress, seed_everything, stage_device,
-                        to_device)
+from grpo.accel import (active_params, all_sum, autocast, backward, barrier, check_replicas, compile_layers,
+                        describe, distributed, load_frozen, load_trainable, local_elements, make_optimizer,
+                        open_metrics, optimizer_step, prepare_trainable, progress, reshard, seed_everything,
+                        shard_frozen, stage_device, to_device)
 from grpo.config import ConfigError, DistillConfig, SFTConfig, stage_runner
 from grpo.data import load_rows
 from grpo.kernels.logprob import fused_logprob
@@ -157,8 +162,9 @@ def encode(rows: list[dict], tok, template: str, max_length: int, loss_on: str) 
     return out
 
 
-def kd_step(student, teacher, seqs: list[tuple[list[int], int]], pad_id: int, div, chunk: int):
-    """Mean divergence over the labelled next-token positions of right-padded rows; returns (loss, tokens)."""
+def kd_batch(seqs: list[tuple[list[int], int]], pad_id: int, dev: torch.device):
+    """(ids, attention mask, positions [B, L], sel [B, L-1]: position i predicts a labelled token) of the rows,
+    right-padded, on `dev`."""
     L = max(len(s) for s, _ in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     label = torch.zeros((len(seqs), L), dtype=torch.bool)  # label[b, i]: token i is predicted (from position i - 1)
@@ -167,16 +173,44 @@ def kd_step(student, teacher, seqs: list[tuple[list[int], int]], pad_id: int, di
         label[b, start: len(s)] = True
     attn = (torch.arange(L)[None] < torch.tensor([len(s) for s, _ in seqs])[:, None]).long()
     pos = torch.arange(L)[None].expand_as(ids)
-    dev = student.get_output_embeddings().weight.device  # the stage's device (grpo.accel.stage_device)
-    ids, attn, pos, label = ids.to(dev), attn.to(dev), pos.to(dev), label.to(dev)
-    sel = label[:, 1:]  # [B, L-1] over positions 0..L-2
+    return ids.to(dev), attn.to(dev), pos.to(dev), label[:, 1:].to(dev)
+
+
+class KDLoss(torch.nn.Module):
+    """kd's student side as one module's forward, so that DDP / FSDP2 / ZeRO wrap all of it (the divergence reads
+    the student's head weight directly, which must happen inside the wrapped forward); returns the summed
+    divergence over the selected positions."""
+
+    def __init__(self, student: torch.nn.Module):
+        super().__init__()
+        self.student = student  # what trains: the LM, or its peft wrapper (the adapter runs inside the LM)
+
+    def forward(self, ids, attn, pos, sel, h_t, w_t, div, chunk: int):
+        lm = unwrap(self.student)
+        h_s = final_hidden(lm, ids, attn, pos)[:, :-1][sel]  # [N, Hs]
+        return chunked_divergence(h_s, lm.get_output_embeddings().weight, h_t, w_t, div, chunk)
+
+
+class Hidden(torch.nn.Module):
+    """A frozen LM's final hidden states [B, L, H] and head weight [V, H] as one module's forward: the root unit of
+    a sharded teacher, whose forward gathers its embedding and head (reshard it once they are used)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, attn, pos):
+        return final_hidden(self.lm, ids, attn, pos), self.lm.get_output_embeddings().weight
+
+
+def kd_step(loss: KDLoss, teacher: Hidden, seqs: list[tuple[list[int], int]], pad_id: int, div, chunk: int,
+            dev: torch.device) -> tuple[torch.Tensor, int]:
+    """(summed divergence over the labelled next-token positions of the rows, their count)."""
+    ids, attn, pos, sel = kd_batch(seqs, pad_id, dev)
     with torch.no_grad():
-        h_t = final_hidden(teacher, ids, attn, pos)[:, :-1][sel]  # [N, Ht]
-    h_s = final_hidden(student, ids, attn, pos)[:, :-1][sel]  # [N, Hs]
-    n = h_s.shape[0]
-    total = chunked_divergence(h_s, student.get_output_embeddings().weight, h_t,
-                               teacher.get_output_embeddings().weight, div, chunk)
-    return total / max(n, 1), n
+        h_t, w_t = teacher(ids, attn, pos)
+        h_t = h_t[:, :-1][sel]  # [N, Ht]
+    return loss(ids, attn, pos, sel, h_t, w_t, div, chunk), int(sel.sum())
 
 
 # ---------------------------------------------------------------- on_policy: the student's own samples
@@ -210,43 +244,66 @@ def on_policy_step(student, teacher, batch: dict, cfg: DistillConfig) -> tuple[t
 
 
 def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Console | None = None) -> Path:
-    """Run the distill stage; returns the student's final checkpoint directory (out_dir/final)."""
+    """Run the distill stage; returns the student's final checkpoint directory (out_dir/final). Under torchrun, kd
+    trains data parallel as SFT does (runtime.distributed: DDP, FSDP2 or ZeRO; the teacher sharded too under FSDP2
+    and ZeRO); on_policy runs in one process."""
     console = console or Console()
     model_path = model_path or cfg.model
     if cfg.mode == "sft":  # sequence-level KD: SFT on the traces, with the shared fields passed through
         shared = {k: getattr(cfg, k) for k in SFTConfig.model_fields if k in DistillConfig.model_fields and k != "kind"}
         return stage_runner("sft")(SFTConfig(**shared), model_path, out_dir, console)
+    kd = cfg.mode == "kd"
+    if not kd and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("distill: mode on_policy runs in one process; launch it without torchrun (modes kd and "
+                          "sft train data parallel)")
     seed_everything(cfg.seed)
+    rt = cfg.runtime
     trained, teacher, tok = load_pair(cfg, model_path, console)
     student = unwrap(trained)  # what computes (a LoRA adapter runs inside it); `trained` is what steps and saves
-    kd = cfg.mode == "kd"
     if kd or cfg.on_policy_loss == "jsd":
         _need_fused(student, "student", f"mode {cfg.mode} with a vocabulary-wide loss")
         _need_fused(teacher, "teacher", f"mode {cfg.mode} with a vocabulary-wide loss")
     data_cfg = cfg.data.model_copy(update={"completion_column": cfg.data.completion_column or "solution"}) if kd else cfg.data
     rows = load_rows(data_cfg, require_answer=False)
+    n_s, n_t = active_params(student), active_params(teacher)
+    opt, sched = make_optimizer(trained, cfg, cfg.steps)
+    device = stage_device(rt)
+    rank, world, wrapped = 0, 1, None
     if kd:
         seqs = encode(rows, tok, cfg.template, cfg.max_length, cfg.loss_on)
         div = divergence(cfg.loss, cfg.jsd_beta, cfg.temperature)
+        # the loss module goes to DDP / FSDP2 / ZeRO (its forward is the student's whole loss); the teacher's
+        # forward is its own root unit, sharded alike under FSDP2 and ZeRO
+        wrapped, opt, rank, world = distributed(KDLoss(trained), opt, rt, cfg.max_grad_norm)
+        t_mod = shard_frozen(Hidden(teacher), wrapped, world, device)
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size={cfg.batch_size} must divide evenly over {world} processes")
+        if world > 1 and rank == 0:
+            held, total = local_elements(t_mod)
+            console.print(f"\\[distill] {describe(wrapped, world)}" + (
+                f"; teacher sharded too: rank 0 holds {held} of {total} elements" if held < total else ""))
     else:
         prompts = [render(cfg.template, r["prompt"], tok, **{k: v for k, v in r.items() if k != "prompt"}) for r in rows]
         prompt_ids = tok(prompts, add_special_tokens=False).input_ids
         worker = make_worker("native", student, tok, model_path)
-    opt, sched = make_optimizer(trained, cfg, cfg.steps)
-    n_s, n_t = active_params(student), active_params(teacher)
+    main = rank == 0
     spent = {"flops": 0.0, "seconds": 0.0}  # compute so far (compute/* metrics), the teacher's forwards included
     rng = random.Random(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     student.train()
-    with open_metrics(out_dir / "metrics.jsonl") as log, progress(console) as bar:
-        task = bar.add_task(f"distill {cfg.mode}", total=cfg.steps, info="")
+    with open_metrics(out_dir / "metrics.jsonl", main=main) as log, \
+            progress(console) if main else contextlib.nullcontext() as bar:
+        task = bar.add_task(f"distill {cfg.mode}", total=cfg.steps, info="") if main else None
         for step in range(cfg.steps):
             t0 = time.perf_counter()
             if kd:
-                with autocast(cfg.runtime):
-                    batch_seqs = [seqs[rng.randrange(len(seqs))] for _ in range(cfg.batch_size)]
-                    loss, n = kd_step(student, teacher, batch_seqs, tok.pad_token_id, div, cfg.chunk_size)
-                extra = {"tokens": n}
+                batch_seqs = [seqs[rng.randrange(len(seqs))] for _ in range(cfg.batch_size)]  # the global batch
+                mine = batch_seqs[rank * cfg.batch_size // world: (rank + 1) * cfg.batch_size // world]
+                with autocast(rt):
+                    total_mine, n_mine = kd_step(wrapped, t_mod, mine, tok.pad_token_id, div, cfg.chunk_size, device)
+                n = max(all_sum(float(n_mine), world), 1.0)
+                loss = torch.tensor(all_sum(float(total_mine.detach()), world) / n)  # the global batch's mean
+                extra = {"tokens": int(n), "num_processes": world}
                 step_flops = (2 * n_t + 6 * n_s) * n  # teacher forward, student forward + backward
             else:
                 idx = [rng.randrange(len(rows)) for _ in range(cfg.prompts_per_step)]
@@ -256,9 +313,8 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
                     temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, max_tokens=sp.max_tokens,
                     stop=list(sp.stop), seed=cfg.seed * 1_000_003 + step))
                 student.train()
-                batch = to_device(build_batch([prompt_ids[i] for i in idx], comps, tok.pad_token_id),
-                                  stage_device(cfg.runtime))
-                with autocast(cfg.runtime):
+                batch = to_device(build_batch([prompt_ids[i] for i in idx], comps, tok.pad_token_id), device)
+                with autocast(rt):
                     loss, extra = on_policy_step(student, teacher, batch, cfg)
                 extra.update({"tokens": int(batch["completion_mask"].sum()),
                               "completions/mean_length": sum(len(c.token_ids) for c in comps) / len(comps)})
@@ -266,8 +322,13 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
                 step_flops = 2 * n_s * (extra["tokens"] + sum(len(prompt_ids[i]) for i in idx)) + (2 * n_t + 6 * n_s) * seq
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"distill step {step + 1}: loss is {loss.item()}")
-            loss.backward()
-            grad_norm = optimizer_step(trained, opt, sched, cfg.max_grad_norm)
+            if kd:  # this rank's sum over the global count, x world because the gradient reduction averages ranks
+                backward(wrapped, total_mine / n * world)
+                reshard(t_mod)  # a sharded teacher frees the embedding and head it gathered
+                grad_norm = optimizer_step(trained, opt, sched, cfg.max_grad_norm, wrapped)
+            else:
+                loss.backward()
+                grad_norm = optimizer_step(trained, opt, sched, cfg.max_grad_norm)
             m = {"step": step + 1, "loss": loss.item(), **extra, "grad_norm": grad_norm.item(),
                  "learning_rate": sched.get_last_lr()[0], "step_time": time.perf_counter() - t0}
             spent["flops"] += step_flops
@@ -275,6 +336,10 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
             m["compute/flops"], m["compute/seconds"] = spent["flops"], spent["seconds"]
             log.write(json.dumps(m) + "\n")
             log.flush()
-            info = f"loss {m['loss']:.4f}" + (f" reverse_kl {m['reverse_kl']:.4f}" if "reverse_kl" in m else "")
-            bar.update(task, advance=1, info=info)
-    return checkpoint.save(out_dir / "final", trained, tok)
+            if main:
+                info = f"loss {m['loss']:.4f}" + (f" reverse_kl {m['reverse_kl']:.4f}" if "reverse_kl" in m else "")
+                bar.update(task, advance=1, info=info)
+    check_replicas(trained, world, "distill")
+    final = checkpoint.save(out_dir / "final", trained, tok, wrapped=wrapped)  # every rank: FSDP2/ZeRO-3 gather
+    barrier(world)  # no rank returns before the checkpoint is in place
+    return final

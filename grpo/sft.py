@@ -33,7 +33,7 @@ from rich.console import Console
 from torch import nn
 
 from grpo import checkpoint
-from grpo.accel import (active_params, autocast, backward, barrier, check_replicas, compile_layers, describe,
+from grpo.accel import (active_params, all_sum, autocast, backward, barrier, check_replicas, compile_layers, describe,
                         distributed, is_deepspeed, load_trainable, make_optimizer, open_metrics, optimizer_step,
                         prepare_trainable, progress, seed_everything, stage_device, to_device)
 from grpo.config import ConfigError, SFTConfig, TokenizerConfig
@@ -220,17 +220,6 @@ class LossModule(nn.Module):
 def labelled(batch: dict) -> int:
     """Labelled next-token targets of a batch (what lm_loss averages over)."""
     return int((batch["labels"][:, 1:] >= 0).sum())
-
-
-def all_sum(x: float, world: int) -> float:
-    """The sum of x over ranks (float64 all-reduce), x itself in one process."""
-    if world == 1:
-        return x
-    import torch.distributed as dist
-
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t)
 
 
 @torch.no_grad()

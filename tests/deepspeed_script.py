@@ -17,7 +17,7 @@ from grpo import accel, sft, trainer
 from grpo.config import RuntimeConfig
 from grpo.logprobs import TokenLogprobs
 from grpo.models import hf
-from tests.fsdp_script import grpo_config, grpo_logged, sft_config
+from tests.fsdp_script import grpo_config, logged, sft_config
 
 RUNS = {"ddp": ("ddp", {}), "zero2": ("deepspeed", {"zero_stage": 2}), "zero3": ("deepspeed", {"zero_stage": 3})}
 
@@ -57,7 +57,7 @@ def main(base: str, out: Path) -> None:
         sft.train(sft_run(kind), base, out / f"sft_{kind}", quiet)
     copy_last(out / "sft_zero3", out / "sft_resumed")
     sft.train(sft_run("zero3"), base, out / "sft_resumed", quiet)
-    grpo_logged(grpo_config(base, "deepspeed", "grpo.runtime.zero_stage=2"), base, out / "grpo_zero2")
+    logged(trainer.train, grpo_config(base, "deepspeed", "grpo.runtime.zero_stage=2"), base, out / "grpo_zero2")
     copy_last(out / "grpo_zero2", out / "grpo_resumed")
     trainer.train(grpo_config(base, "deepspeed", "grpo.runtime.zero_stage=2"), base, out / "grpo_resumed", quiet)
     counts = {}

@@ -1,7 +1,8 @@
 """Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2`: the same SFT and GRPO runs under DDP and FSDP2, an
-FSDP2 SFT and GRPO resume, and FSDP2's per-rank parameter counts; the test compares the checkpoints this writes.
+FSDP2 SFT and GRPO resume, distill kd under DDP and FSDP2, and FSDP2's per-rank parameter counts; the test compares
+the checkpoints this writes.
 
-usage: torchrun --nproc_per_node 2 tests/fsdp_script.py BASE_CHECKPOINT OUT_DIR
+usage: torchrun --nproc_per_node 2 tests/fsdp_script.py BASE_CHECKPOINT OUT_DIR STUDENT_CHECKPOINT
 """
 
 import io
@@ -14,8 +15,8 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from grpo import accel, sft, trainer
-from grpo.config import RuntimeConfig, SFTConfig, load_stage
+from grpo import accel, distill, sft, trainer
+from grpo.config import DistillConfig, RuntimeConfig, SFTConfig, load_stage
 from grpo.logprobs import TokenLogprobs
 from grpo.models import hf
 
@@ -39,15 +40,23 @@ def grpo_config(base: str, kind: str, *extra: str):
     return load_stage("grpo", "recipes/r1-zero-tiny.yaml", overrides)[0]
 
 
-def grpo_logged(cfg, base: str, run: Path) -> None:
-    """trainer.train, with what rank 0 prints saved to run/console.txt (the line naming the sharding)."""
+def distill_config(teacher: str, student: str, kind: str) -> DistillConfig:
+    """kd (forward KL) from `teacher` into `student`, global batch 8 (4 per rank), 3 steps, under `kind`."""
+    return DistillConfig(mode="kd", teacher=teacher, model=student, steps=3, batch_size=8, max_length=96,
+                         learning_rate=3e-3, chunk_size=64, data={"source": "synthetic:arith", "num_examples": 16},
+                         runtime={"distributed": kind})
+
+
+def logged(train, cfg, base: str, run: Path) -> None:
+    """A stage's train(cfg, base, run, console), with what rank 0 prints saved to run/console.txt (the line naming
+    the sharding)."""
     console = Console(file=io.StringIO(), width=400)
-    trainer.train(cfg, base, run, console)
+    train(cfg, base, run, console)
     if dist.get_rank() == 0:
         (run / "console.txt").write_text(console.file.getvalue())
 
 
-def main(base: str, out: Path) -> None:
+def main(base: str, out: Path, student: str) -> None:
     quiet = Console(quiet=True)
     for kind in ("ddp", "fsdp2"):
         sft.train(sft_config(kind), base, out / f"sft_{kind}", quiet)
@@ -60,11 +69,14 @@ def main(base: str, out: Path) -> None:
         ["rank0.pt", "rank1.pt", "state.pt"]
     sft.train(sft_config("fsdp2"), base, out / "sft_resumed", quiet)
     trainer.train(grpo_config(base, "ddp"), base, out / "grpo_ddp", quiet)
-    grpo_logged(grpo_config(base, "fsdp2"), base, out / "grpo_fsdp2")
+    logged(trainer.train, grpo_config(base, "fsdp2"), base, out / "grpo_fsdp2")
     if rank == 0:  # GRPO too: step 3 again from the FSDP2 run's step-2 checkpoint (reference reset at step 2)
         shutil.copytree(out / "grpo_fsdp2" / "last", out / "grpo_resumed" / "last")
     dist.barrier()
     trainer.train(grpo_config(base, "fsdp2"), base, out / "grpo_resumed", quiet)
+    # distill kd from the base into a smaller student, under DDP and FSDP2 (the teacher sharded too)
+    distill.train(distill_config(base, student, "ddp"), student, out / "distill_ddp", quiet)
+    logged(distill.train, distill_config(base, student, "fsdp2"), student, out / "distill_fsdp2")
     # per-rank parameter elements under FSDP2, on the scorer GRPO shards
     model, _ = hf.load(base)
     scorer, _, rank, world = accel.distributed(TokenLogprobs(model), None, RuntimeConfig(distributed="fsdp2"))
@@ -78,4 +90,4 @@ def main(base: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3])

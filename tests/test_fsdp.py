@@ -20,9 +20,9 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from grpo import sft
+from grpo import distill, sft
 from grpo.config import RuntimeConfig
-from tests.fsdp_script import sft_config
+from tests.fsdp_script import distill_config, sft_config
 from tests.helpers import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,20 +45,22 @@ def max_abs(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def reference_held(run: Path) -> tuple[int, int]:
-    """(elements of the KL reference rank 0 holds, elements in all) from the trainer's first line in `run`."""
+def reference_held(run: Path, what: str = "KL reference") -> tuple[int, int]:
+    """(elements of the frozen model rank 0 holds, elements in all) from the stage's first line in `run`."""
     text = (run / "console.txt").read_text()
-    found = re.search(r"KL reference sharded too: rank 0 holds (\d+) of (\d+) elements", text)
+    found = re.search(what + r" sharded too: rank 0 holds (\d+) of (\d+) elements", text)
     assert found, text[-2000:]
     return int(found[1]), int(found[2])
 
 
 def test_fsdp2_matches_ddp_and_one_process(tmp_path):
     base = tiny_checkpoint(tmp_path / "base")
+    student = tiny_checkpoint(tmp_path / "student", hidden=32, seed=2)  # distill's, with the base as its teacher
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/fsdp_script.py",
-                        str(base), str(out)], capture_output=True, text=True, cwd=REPO, env=env, timeout=400)
+                        str(base), str(out), str(student)], capture_output=True, text=True, cwd=REPO, env=env,
+                       timeout=400)
     assert p.returncode == 0, p.stderr[-4000:]
     start = weights(base)
 
@@ -130,6 +132,25 @@ def test_fsdp2_matches_ddp_and_one_process(tmp_path):
     held, total = reference_held(out / "grpo_fsdp2")
     print(f"GRPO reference under FSDP2: rank 0 holds {held} of {total} elements")
     assert total == c["total"] and abs(held - total / 2) <= 0.03 * total / 2
+
+    # distill kd: 2-rank DDP == 2-rank FSDP2 == one process on the same global batch (8 rows: 4 per rank), with
+    # the teacher sharded under FSDP2
+    d_one = distill.train(distill_config(str(base), str(student), "auto"), str(student), tmp_path / "distill_one")
+    d = {"one": weights(d_one), **{k: weights(out / f"distill_{k}" / "final") for k in ("ddp", "fsdp2")}}
+    d_moved = max_rel(d["one"], weights(student))
+    d_diffs = {"fsdp2 vs ddp": max_rel(d["fsdp2"], d["ddp"]), "fsdp2 vs one": max_rel(d["fsdp2"], d["one"]),
+               "ddp vs one": max_rel(d["ddp"], d["one"])}
+    held, total = reference_held(out / "distill_fsdp2", "teacher")
+    assert "[distill] FSDP2 over 2 processes" in (out / "distill_fsdp2" / "console.txt").read_text()
+    print(f"distill kd max rel diff {d_diffs}; weights moved by {d_moved:.3g} (rel); teacher under FSDP2: rank 0 "
+          f"holds {held} of {total} elements")
+    assert d_moved > 1000 * RTOL and all(v < RTOL for v in d_diffs.values()), d_diffs
+    assert total == c["total"] and abs(held - total / 2) <= 0.03 * total / 2
+    d_logs = {k: [json.loads(l) for l in (root / "metrics.jsonl").read_text().splitlines()]
+              for k, root in (("one", tmp_path / "distill_one"), ("fsdp2", out / "distill_fsdp2"))}
+    for a, b in zip(d_logs["fsdp2"], d_logs["one"], strict=True):  # the global mean, over every rank's positions
+        assert a["num_processes"] == 2 and a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) <= RTOL * b["loss"]
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= RTOL * b["grad_norm"]  # Adam hides a mis-scaled gradient
 
 
 def test_distributed_config_errors():
