@@ -331,6 +331,20 @@ def distributed(module, opt, rt: RuntimeConfig, max_grad_norm: float = 1.0):
     return module, opt, acc.process_index, acc.num_processes
 
 
+def process_group(rt: RuntimeConfig) -> tuple[int, int]:
+    """(rank, world size) for a stage that trains nothing but splits work over torchrun's processes (reject):
+    accelerate's process group, every collective bounded by rt.collective_timeout_s; (0, 1) in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from datetime import timedelta
+
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=rt.collective_timeout_s))])
+    return acc.process_index, acc.num_processes
+
+
 def deepspeed_engine(module, opt, rt: RuntimeConfig, max_grad_norm: float, launched: bool):
     """(DeepSpeed engine around `module`, its ZeRO optimizer around `opt`, rank, world size): ZeRO rt.zero_stage, or
     the stage, offload and the rest of the accelerate DeepSpeed config that launched us (its `auto` values filled

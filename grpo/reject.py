@@ -6,12 +6,14 @@ contaminated (its prompt overlaps an eval set; never sampled), truncated, reject
 in the order of `keep`), mixed_language, long_paragraph, code_block, repetition, duplicate, cap.
 Work is done in shards of `shard_size` prompts, each written atomically under out_dir/shards/ and sampled with a
 seed that depends only on (seed, shard index), so a killed run resumes at the next unfinished shard and ends
-byte-identical to an uninterrupted one. Simplifications: one process (no data parallel); the HF model is loaded
-in-process even under vLLM (for the tokenizer and the native engine); decontamination compares prompts only.
+byte-identical to an uninterrupted one. Under torchrun the ranks split the unfinished shards (rank r takes every
+world-th one, each rank its own sampler on its own device) and rank 0 assembles the dataset, so N processes write
+the same bytes as one. Simplifications: the HF model is loaded in-process even under vLLM (for the tokenizer and the native engine); decontamination compares prompts only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,7 +26,7 @@ import numpy as np
 from rich.console import Console
 
 import rewards as reward_lib
-from grpo.accel import load_frozen, progress, seed_everything
+from grpo.accel import barrier, load_frozen, process_group, progress, seed_everything
 from grpo.checkpoint import atomic_dir
 from grpo.config import ConfigError, RejectConfig
 from grpo.data import DataError, load_rows
@@ -298,30 +300,45 @@ def run(cfg: RejectConfig, model_path: str, out_dir: Path, console: Console | No
     if not todo:
         raise DataError(f"{cfg.data.source}: decontamination dropped all {len(rows)} prompts")
     shards = out_dir / "shards"
-    _check_resume(shards, {"config": cfg.model_dump(mode="json"), "model": str(model_path)})
+    rank, world = process_group(cfg.runtime)
+    main = rank == 0
+    if main:  # one rank checks the config and clears debris, before any rank writes
+        _check_resume(shards, {"config": cfg.model_dump(mode="json"), "model": str(model_path)})
+    barrier(world)
     n_shards = math.ceil(len(todo) / cfg.shard_size)
     names = [shards / f"shard-{s:05d}" for s in range(n_shards)]
     missing = [s for s in range(n_shards) if not (names[s] / "stats.json").is_file()]
+    barrier(world)  # every rank saw the same shards on disk before any writes a new one
+    if main and len(missing) < n_shards:
+        console.print(f"\\[reject] resuming: {n_shards - len(missing)} of {n_shards} shards done")
+    if main and world > 1:
+        console.print(f"\\[reject] {world} processes share the {len(missing)} unfinished shards (round robin)")
+    done = n_shards - len(missing)
+    missing = missing[rank::world]  # this rank's shards; their seeds depend on the shard index only
     if missing:
-        if len(missing) < n_shards:
-            console.print(f"\\[reject] resuming: {n_shards - len(missing)} of {n_shards} shards done")
         model, tok = load_frozen(model_path, cfg.runtime)  # runtime: device and dtype
         worker = make_worker(cfg.rollout, model, tok, model_path,
                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
-        with progress(console) as bar:
-            task = bar.add_task("reject", total=n_shards, completed=n_shards - len(missing), info="")
+        with progress(console) if main else contextlib.nullcontext() as bar:
+            task = bar.add_task("reject", total=n_shards, completed=done, info="") if world == 1 else \
+                bar.add_task("reject (rank 0's shards)", total=len(missing), info="") if main else None
             for s in missing:
                 idx = todo[s * cfg.shard_size:(s + 1) * cfg.shard_size]
                 kept, counts = sample_shard(cfg, worker, tok, reward_set, keep, rows, idx, s, model_path)
 
                 def write(d: Path, kept=kept, counts=counts):
                     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-                    (d / "stats.json").write_text(json.dumps(counts))
+                    (d / "stats.json").write_text(json.dumps({**counts, "rank": rank}))  # rank: who sampled it
 
                 atomic_dir(names[s], write)
-                bar.update(task, advance=1, info=f"kept {counts['kept']}/{counts['samples']}")
+                if main:
+                    bar.update(task, advance=1, info=f"kept {counts['kept']}/{counts['samples']}")
         if hasattr(worker, "close"):
             worker.close()
+    barrier(world)  # every shard is on disk
+    if not main:
+        barrier(world)  # ... and rank 0 has assembled them
+        return out_dir / "stats.json"
     counts = [json.loads((d / "stats.json").read_text()) for d in names]
     kept = [json.loads(line) for d in names for line in (d / "rows.jsonl").read_text().splitlines()]
     stats = summarise(counts, [r["num_tokens"] for r in kept], order, sum(dirty), cfg, model_path, len(rows))
@@ -335,4 +352,5 @@ def run(cfg: RejectConfig, model_path: str, out_dir: Path, console: Console | No
                                               ds.to_parquet(str(d / "train.parquet"))))
     _write_json(out_dir / "stats.json", stats)
     console.print(f"\\[reject] kept {stats['kept']} of {stats['samples']} samples -> {out_dir / 'data'}")
+    barrier(world)  # no rank returns before the dataset is in place
     return out_dir / "stats.json"

@@ -1,5 +1,5 @@
 """Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2`: the same SFT and GRPO runs under DDP and FSDP2, an
-FSDP2 SFT and GRPO resume, distill kd under DDP and FSDP2, and FSDP2's per-rank parameter counts; the test compares
+FSDP2 SFT and GRPO resume, distill kd under DDP and FSDP2, a 2-rank reject, and FSDP2's per-rank parameter counts; the test compares
 the checkpoints this writes.
 
 usage: torchrun --nproc_per_node 2 tests/fsdp_script.py BASE_CHECKPOINT OUT_DIR STUDENT_CHECKPOINT
@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from grpo import accel, distill, sft, trainer
-from grpo.config import DistillConfig, RuntimeConfig, SFTConfig, load_stage
+from grpo import accel, distill, reject, sft, trainer
+from grpo.config import DistillConfig, RejectConfig, RuntimeConfig, SFTConfig, load_stage
 from grpo.logprobs import TokenLogprobs
 from grpo.models import hf
 
@@ -45,6 +45,15 @@ def distill_config(teacher: str, student: str, kind: str) -> DistillConfig:
     return DistillConfig(mode="kd", teacher=teacher, model=student, steps=3, batch_size=8, max_length=96,
                          learning_rate=3e-3, chunk_size=64, data={"source": "synthetic:arith", "num_examples": 16},
                          runtime={"distributed": kind})
+
+
+def reject_config(base: str) -> RejectConfig:
+    """Rejection sampling of `base`: 8 prompts x 4 samples in 4 shards of 2 prompts, keeping completions of about
+    20 characters (an untrained model meets that some of the time)."""
+    return RejectConfig(model=base, data={"num_examples": 8}, samples_per_prompt=4, shard_size=2,
+                        sampling={"temperature": 1.0, "max_tokens": 24, "stop": ["."]},
+                        rewards=[{"name": "tests.helpers:length_reward"}], keep={"length_reward": -0.5},
+                        filters={"mixed_language": False})
 
 
 def logged(train, cfg, base: str, run: Path) -> None:
@@ -77,6 +86,8 @@ def main(base: str, out: Path, student: str) -> None:
     # distill kd from the base into a smaller student, under DDP and FSDP2 (the teacher sharded too)
     distill.train(distill_config(base, student, "ddp"), student, out / "distill_ddp", quiet)
     logged(distill.train, distill_config(base, student, "fsdp2"), student, out / "distill_fsdp2")
+    # rejection sampling: the two ranks share its shards, rank 0 assembles them
+    reject.run(reject_config(base), base, out / "reject", quiet)
     # per-rank parameter elements under FSDP2, on the scorer GRPO shards
     model, _ = hf.load(base)
     scorer, _, rank, world = accel.distributed(TokenLogprobs(model), None, RuntimeConfig(distributed="fsdp2"))

@@ -20,9 +20,9 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from grpo import distill, sft
+from grpo import distill, reject, sft
 from grpo.config import RuntimeConfig
-from tests.fsdp_script import distill_config, sft_config
+from tests.fsdp_script import distill_config, reject_config, sft_config
 from tests.helpers import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +151,18 @@ def test_fsdp2_matches_ddp_and_one_process(tmp_path):
     for a, b in zip(d_logs["fsdp2"], d_logs["one"], strict=True):  # the global mean, over every rank's positions
         assert a["num_processes"] == 2 and a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) <= RTOL * b["loss"]
         assert abs(a["grad_norm"] - b["grad_norm"]) <= RTOL * b["grad_norm"]  # Adam hides a mis-scaled gradient
+
+    # reject: two ranks sharing the shards write the very bytes one process writes
+    one_reject = tmp_path / "reject_one"
+    reject.run(reject_config(str(base)), str(base), one_reject)
+    files = ("data/train.jsonl", "data/train.parquet", "stats.json")
+    stats = json.loads((one_reject / "stats.json").read_text())
+    print(f"reject over 2 ranks: kept {stats['kept']} of {stats['samples']}, the same bytes as one process")
+    assert 0 < stats["kept"] < stats["samples"] == 32
+    assert all((out / "reject" / f).read_bytes() == (one_reject / f).read_bytes() for f in files)
+    shard_dirs = sorted((out / "reject" / "shards").glob("shard-*"))
+    sampled_by = [json.loads((d / "stats.json").read_text())["rank"] for d in shard_dirs]
+    assert sampled_by == [0, 1, 0, 1]  # round robin: each rank sampled half the shards
 
 
 def test_distributed_config_errors():
