@@ -8,7 +8,8 @@ Table 5 (a row per model, a column per benchmark and metric). Formulas and keys:
 
 Simplifications: every benchmark shares the stage's template, sampling and rewards; the reward labelled
 `accuracy` (else the first) decides correctness, and a sample counts as correct for pass@j (j > 1) when it
-scores 1.0; majority voting compares extracted answer strings as written ("35" and "35.0" are two votes).
+scores 1.0; majority voting compares extracted answer strings as written ("35" and "35.0" are two votes); under
+torchrun every rank evaluates everything (no split of the problems) and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from rich.console import Console
 
 import rewards as reward_lib
-from grpo.accel import load_frozen
+from grpo.accel import barrier, load_frozen, process_group
 from grpo.checkpoint import atomic_dir
 from grpo.config import DataConfig, EvalConfig
 from grpo.data import load_rows
@@ -230,5 +231,8 @@ def run(cfg: EvalConfig, model_path: str, out_dir: Path, console: Console | None
         (d / "result.json").write_text(json.dumps(metrics, indent=2))
         (d / "result.md").write_text(table)
 
-    atomic_dir(out_dir / "eval", write)
+    rank, world = process_group(cfg.runtime)  # under torchrun every rank samples it all (same seeds); one writes
+    if rank == 0:
+        atomic_dir(out_dir / "eval", write)
+    barrier(world)  # no rank returns before the result is in place
     return out_dir / "eval" / "result.json"
