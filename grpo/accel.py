@@ -211,8 +211,21 @@ def optimizer_step(model, opt, sched, max_grad_norm: float, wrapped=None) -> tor
     grad_norm = apply_gradients(model if wrapped is None else wrapped, opt, max_grad_norm)
     sched.step()
     if hasattr(model, "update_expert_bias"):
-        model.update_expert_bias()
+        expert_bias_step(model)
     return grad_norm
+
+
+def expert_bias_step(model) -> dict[str, float]:
+    """r1kit's DeepSeek aux-loss-free bias update (once per optimizer step) over the GLOBAL batch: each MoE layer's
+    token loads are first summed over ranks, so every rank makes the same update from the loads one process would
+    count (DDP does not broadcast the load buffers: distributed() turns broadcast_buffers off). Returns the load
+    stats (moe/load_max_over_mean...)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for m in model.moe_layers():
+            dist.all_reduce(m.load)  # token counts: exact in fp32 up to 2^24 per expert
+    return model.update_expert_bias()
 
 
 def progress(console: Console) -> Progress:
@@ -318,9 +331,12 @@ def distributed(module, opt, rt: RuntimeConfig, max_grad_norm: float = 1.0):
     kind = launched or rt.distributed
     if kind == "deepspeed":
         return deepspeed_engine(module, opt, rt, max_grad_norm, launched == "deepspeed")
-    # unused parameters are normal here: MTP heads and experts that got no token in a step
+    # unused parameters are normal here: MTP heads and experts that got no token in a step. No buffer broadcast:
+    # DDP would overwrite every rank's MoE load counters with rank 0's at each forward (expert_bias_step sums
+    # them over ranks instead); the other buffers (rotary frequencies) are constants
     acc = Accelerator(cpu=not torch.cuda.is_available(),
-                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True,
+                                                                     broadcast_buffers=False),
                                        InitProcessGroupKwargs(timeout=timedelta(seconds=rt.collective_timeout_s))])
     if kind == "fsdp2":
         # accelerate 1.15's own FSDP plugin is not used: with Accelerator(cpu=True,

@@ -33,10 +33,10 @@ import rewards as reward_lib
 from rewards.runner import PerReward
 from grpo import algo, checkpoint, dynamic
 from grpo.accel import (Trackers, active_params, adapter_disabled, apply_gradients, autocast, backward, barrier,
-                        check_replicas, compile_layers, copy_weights, describe, distributed, for_generation,
-                        frozen_copy, full_state_dict, is_fsdp2, load_trainable, local_elements, make_optimizer,
-                        progress, reduce_metrics, reshard, seed_everything, shard_frozen, stage_device, to_device,
-                        zero3)
+                        check_replicas, compile_layers, copy_weights, describe, distributed, expert_bias_step,
+                        for_generation, frozen_copy, full_state_dict, is_fsdp2, load_trainable, local_elements,
+                        make_optimizer, progress, reduce_metrics, reshard, seed_everything, shard_frozen,
+                        stage_device, to_device, zero3)
 from grpo.config import GRPOConfig
 from grpo.data import load_rows
 from grpo.logprobs import TokenLogprobs, build_batch, micro_slices, policy_logprobs
@@ -229,8 +229,8 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 if not torch.isfinite(grad_norm):  # the same on every rank (after the all-reduce): all skipped it
                     agg["nonfinite/skipped"] += 1.0
                     continue
-                if hasattr(policy, "update_expert_bias"):  # DeepSeek-V3 aux-loss-free balancing
-                    agg.update(policy.update_expert_bias())  # moe/load_max_over_mean[/layer]
+                if hasattr(policy, "update_expert_bias"):  # DeepSeek-V3 aux-loss-free balancing, global loads
+                    agg.update(expert_bias_step(policy))  # moe/load_max_over_mean[/layer]
             sched.step()
             if hasattr(policy, "routing_stats"):  # router entropy; replay: share of tokens routed differently
                 agg.update(policy.routing_stats())

@@ -1,8 +1,9 @@
 """Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2`: the same SFT and GRPO runs under DDP and FSDP2, an
-FSDP2 SFT and GRPO resume, distill kd under DDP and FSDP2, a 2-rank reject, and FSDP2's per-rank parameter counts; the test compares
+FSDP2 SFT and GRPO resume, distill kd under DDP and FSDP2, DDP SFT of r1kit's MoE model, a 2-rank reject, and
+FSDP2's per-rank parameter counts; the test compares
 the checkpoints this writes.
 
-usage: torchrun --nproc_per_node 2 tests/fsdp_script.py BASE_CHECKPOINT OUT_DIR STUDENT_CHECKPOINT
+usage: torchrun --nproc_per_node 2 tests/fsdp_script.py BASE_CHECKPOINT OUT_DIR STUDENT_CHECKPOINT MOE_CHECKPOINT
 """
 
 import io
@@ -65,7 +66,7 @@ def logged(train, cfg, base: str, run: Path) -> None:
         (run / "console.txt").write_text(console.file.getvalue())
 
 
-def main(base: str, out: Path, student: str) -> None:
+def main(base: str, out: Path, student: str, moe: str) -> None:
     quiet = Console(quiet=True)
     for kind in ("ddp", "fsdp2"):
         sft.train(sft_config(kind), base, out / f"sft_{kind}", quiet)
@@ -86,6 +87,8 @@ def main(base: str, out: Path, student: str) -> None:
     # distill kd from the base into a smaller student, under DDP and FSDP2 (the teacher sharded too)
     distill.train(distill_config(base, student, "ddp"), student, out / "distill_ddp", quiet)
     logged(distill.train, distill_config(base, student, "fsdp2"), student, out / "distill_fsdp2")
+    # r1kit's DeepSeek MoE model under DDP: its expert-bias update must use the global batch's token loads
+    sft.train(sft_config("ddp"), moe, out / "sft_moe_ddp", quiet)
     # rejection sampling: the two ranks share its shards, rank 0 assembles them
     reject.run(reject_config(base), base, out / "reject", quiet)
     # per-rank parameter elements under FSDP2, on the scorer GRPO shards
@@ -101,4 +104,4 @@ def main(base: str, out: Path, student: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4])

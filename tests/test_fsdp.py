@@ -45,6 +45,19 @@ def max_abs(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def moe_checkpoint(path: Path, tokenizer_from: Path) -> Path:
+    """r1kit's tiny DeepSeek MoE model (2 layers, 16 experts, MTP depth 1) on `tokenizer_from`'s tokenizer, with a
+    bias update speed of 0.01 so that a few steps move the router biases visibly."""
+    from grpo.models import PRESETS, DeepseekForCausalLM, hf
+
+    tok = hf.load_tokenizer(str(tokenizer_from))
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(PRESETS["tiny"](vocab_size=len(tok), num_hidden_layers=2, bias_update_speed=0.01))
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
 def reference_held(run: Path, what: str = "KL reference") -> tuple[int, int]:
     """(elements of the frozen model rank 0 holds, elements in all) from the stage's first line in `run`."""
     text = (run / "console.txt").read_text()
@@ -56,10 +69,11 @@ def reference_held(run: Path, what: str = "KL reference") -> tuple[int, int]:
 def test_fsdp2_matches_ddp_and_one_process(tmp_path):
     base = tiny_checkpoint(tmp_path / "base")
     student = tiny_checkpoint(tmp_path / "student", hidden=32, seed=2)  # distill's, with the base as its teacher
+    moe = moe_checkpoint(tmp_path / "moe", base)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/fsdp_script.py",
-                        str(base), str(out), str(student)], capture_output=True, text=True, cwd=REPO, env=env,
+                        str(base), str(out), str(student), str(moe)], capture_output=True, text=True, cwd=REPO, env=env,
                        timeout=400)
     assert p.returncode == 0, p.stderr[-4000:]
     start = weights(base)
@@ -151,6 +165,19 @@ def test_fsdp2_matches_ddp_and_one_process(tmp_path):
     for a, b in zip(d_logs["fsdp2"], d_logs["one"], strict=True):  # the global mean, over every rank's positions
         assert a["num_processes"] == 2 and a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) <= RTOL * b["loss"]
         assert abs(a["grad_norm"] - b["grad_norm"]) <= RTOL * b["grad_norm"]  # Adam hides a mis-scaled gradient
+
+    # DeepSeek MoE under DDP == one process, router biases included: the bias update counts the real (unpadded)
+    # tokens of the global batch (each rank pads its own share differently; the loads are summed over ranks)
+    m_one = weights(sft.train(sft_config("auto"), str(moe), tmp_path / "sft_moe_one"))
+    m_ddp, m_start = weights(out / "sft_moe_ddp" / "final"), weights(moe)
+    bias = [k for k in m_one if k.endswith("e_score_correction_bias")]
+    plain = lambda w: {k: v for k, v in w.items() if k not in bias}  # noqa: E731
+    m_diff = max_rel(plain(m_ddp), plain(m_one))
+    print(f"DeepSeek MoE SFT, DDP vs one process: weights max rel diff {m_diff:.3g}; router biases moved by up to "
+          f"{max(float(m_one[k].abs().max()) for k in bias):.3g}, equal: {all(torch.equal(m_ddp[k], m_one[k]) for k in bias)}")
+    assert len(bias) == 2 and all(not torch.equal(m_one[k], m_start[k]) for k in bias)
+    assert all(torch.equal(m_ddp[k], m_one[k]) for k in bias)  # sums of gamma * sign(mean - load): exact
+    assert m_diff < RTOL and max_rel(plain(m_one), plain(m_start)) > 1000 * RTOL
 
     # reject: two ranks sharing the shards write the very bytes one process writes
     one_reject = tmp_path / "reject_one"

@@ -605,19 +605,22 @@ class DeepseekForCausalLM(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq  # [B,S,r/2]
         return (freqs.cos() * self.rope_scale).to(dtype), (freqs.sin() * self.rope_scale).to(dtype)
 
-    def run_layer(self, layer, x, cos, sin, mask, cache, replay=None):
-        """One decoder layer, checkpointed while training if asked; records expert load."""
+    def run_layer(self, layer, x, cos, sin, mask, cache, replay=None, real=None):
+        """One decoder layer, checkpointed while training if asked; records expert load (of the `real` tokens)."""
         if self.gradient_checkpointing and self.training and cache is None:
             x = checkpoint(layer, x, cos, sin, mask, None, replay, use_reentrant=False)
         else:
             x = layer(x, cos, sin, mask, cache, replay)
-        self.count_load(layer)
+        self.count_load(layer, real)
         return x
 
-    def count_load(self, layer):
-        """Add the tokens each routed expert of `layer` just received to its load counter (training only)."""
+    def count_load(self, layer, real=None):
+        """Add the tokens each routed expert of `layer` just received to its load counter (training only).
+        real [B*S] bool: the positions that are tokens, not padding (None: all), so the load, and the bias update
+        it drives, does not depend on how a batch was padded (or split over ranks)."""
         if self.training and isinstance(layer.mlp, MoE):
-            layer.mlp.load += torch.bincount(layer.mlp.last_topk_ids.flatten(),
+            ids = layer.mlp.last_topk_ids  # [B*S, K]
+            layer.mlp.load += torch.bincount((ids if real is None else ids[real]).flatten(),
                                              minlength=self.config.n_routed_experts).float()
 
     def hidden(self, input_ids, attention_mask, position_ids, cache=None, routed_experts=None) -> torch.Tensor:
@@ -631,9 +634,10 @@ class DeepseekForCausalLM(nn.Module):
         past = cache.get_seq_length() if cache is not None else 0
         docs = packed_documents(position_ids) if attention_mask is None and cache is None else None  # as HF
         mask = attention_mask_3d(attention_mask, B, S, past, x.device, docs)  # [B,S,T]
+        real = attention_mask[:, -S:].reshape(-1) > 0 if attention_mask is not None else None  # [B*S]
         for layer in self.model.layers:
             replay = next(replays) if replays is not None and isinstance(layer.mlp, MoE) else None
-            x = self.run_layer(layer, x, cos, sin, mask, cache, replay)
+            x = self.run_layer(layer, x, cos, sin, mask, cache, replay, real)
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
@@ -674,7 +678,7 @@ class DeepseekForCausalLM(nn.Module):
                 am = attention_mask[:, -S:][:, :S - k] if attention_mask is not None else None
                 m = attention_mask_3d(am, B, S - k, 0, h.device, docs[:, :S - k] if docs is not None else None)
                 h_prev = module(emb, h_prev[:, :S - k], pos, cos[:, :S - k], sin[:, :S - k], m)
-                self.count_load(module.block)
+                self.count_load(module.block, am.reshape(-1) > 0 if am is not None else None)
                 mtp_losses.append(causal_lm_loss(h_prev, self.lm_head.weight, cross_document_ignored(labels, docs, k)))
             if mtp_losses:
                 out.mtp_loss = torch.stack(mtp_losses).mean()
