@@ -379,8 +379,6 @@ def deepspeed_engine(module, opt, rt: RuntimeConfig, max_grad_norm: float, launc
 
     if rt.dtype == "float16":
         raise ConfigError("runtime.dtype: float16 is not offered with deepspeed (it needs loss scaling); use bfloat16")
-    if any(hasattr(m, "update_expert_bias") for m in module.modules()):  # as for fsdp2: its per-rank router loads
-        raise ValueError("runtime.distributed: deepspeed does not support r1kit's DeepSeek MoE model yet; use ddp")
     acc = Accelerator(cpu=not torch.cuda.is_available(),  # the process group (gloo on CPU), every collective bounded
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=rt.collective_timeout_s))])
     plugin = DeepSpeedPlugin() if launched else DeepSpeedPlugin(zero_stage=rt.zero_stage,
@@ -447,9 +445,6 @@ def shard_fsdp2(module, opt, device: torch.device):
     if opt is not None and opt.state:
         raise ValueError("runtime.distributed: fsdp2 cannot resume a DDP or one-process checkpoint's optimizer state "
                          "(its trainer_state holds whole tensors); resume with the distributed setting it was saved with")
-    if any(hasattr(m, "update_expert_bias") for m in module.modules()):
-        # its router-bias update reads each rank's own expert loads, and its save_pretrained writes its own tensors
-        raise ValueError("runtime.distributed: fsdp2 does not support r1kit's DeepSeek MoE model yet; use ddp")
     names = {id(p): n for n, p in module.named_parameters()}
     for t in module.state_dict().values():  # every rank shards rank 0's weights (DDP broadcasts them too)
         torch.distributed.broadcast(t, 0)

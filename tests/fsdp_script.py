@@ -1,5 +1,5 @@
 """Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2`: the same SFT and GRPO runs under DDP and FSDP2, an
-FSDP2 SFT and GRPO resume, distill kd under DDP and FSDP2, DDP SFT of r1kit's MoE model, a 2-rank reject, and
+FSDP2 SFT and GRPO resume, distill kd under DDP and FSDP2, DDP and FSDP2 SFT of r1kit's MoE model, a 2-rank reject, and
 FSDP2's per-rank parameter counts; the test compares
 the checkpoints this writes.
 
@@ -88,7 +88,8 @@ def main(base: str, out: Path, student: str, moe: str) -> None:
     distill.train(distill_config(base, student, "ddp"), student, out / "distill_ddp", quiet)
     logged(distill.train, distill_config(base, student, "fsdp2"), student, out / "distill_fsdp2")
     # r1kit's DeepSeek MoE model under DDP: its expert-bias update must use the global batch's token loads
-    sft.train(sft_config("ddp"), moe, out / "sft_moe_ddp", quiet)
+    for kind in ("ddp", "fsdp2"):
+        sft.train(sft_config(kind), moe, out / f"sft_moe_{kind}", quiet)
     # rejection sampling: the two ranks share its shards, rank 0 assembles them
     reject.run(reject_config(base), base, out / "reject", quiet)
     # per-rank parameter elements under FSDP2, on the scorer GRPO shards

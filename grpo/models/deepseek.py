@@ -734,12 +734,15 @@ class DeepseekForCausalLM(nn.Module):
         return stats
 
     # ------------------------------------------------------------------------------------- checkpoints
-    def hf_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def hf_state_dict(self, state_dict: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(main, mtp) tensors under HF/vLLM key names: experts split per expert; MTP depth k becomes
-        model.layers.{num_hidden_layers+k-1}.* with its own copies of embed_tokens and shared_head.head."""
+        model.layers.{num_hidden_layers+k-1}.* with its own copies of embed_tokens and shared_head.head.
+        state_dict: the full tensors to write instead of the module's own (FSDP2 / ZeRO-3 gather them; a tied
+        head may be absent)."""
         cfg = self.config
         main, mtp = {}, {}
-        for name, t in self.state_dict().items():
+        sd = self.state_dict() if state_dict is None else state_dict
+        for name, t in sd.items():
             if name.startswith("mtp."):
                 k, rest = name[4:].split(".", 1)
                 dst, name = mtp, f"model.layers.{cfg.num_hidden_layers + int(k)}.{rest.replace('block.', '', 1)}"
@@ -759,12 +762,12 @@ class DeepseekForCausalLM(nn.Module):
                 dst[name] = t
         for k in range(len(self.mtp)):
             prefix = f"model.layers.{cfg.num_hidden_layers + k}."
-            mtp[prefix + "embed_tokens.weight"] = self.model.embed_tokens.weight
-            mtp[prefix + "shared_head.head.weight"] = self.lm_head.weight
+            mtp[prefix + "embed_tokens.weight"] = sd["model.embed_tokens.weight"]
+            mtp[prefix + "shared_head.head.weight"] = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
         return ({k: v.detach().contiguous().clone() for k, v in main.items()},
                 {k: v.detach().contiguous().clone() for k, v in mtp.items()})
 
-    def save_pretrained(self, path: str, **_):
+    def save_pretrained(self, path: str, state_dict: dict | None = None, **_):
         """Write config.json + model.safetensors (+ mtp.safetensors) atomically (temp dir, then rename).
         MTP layers go to their own file, which transformers (single-file load) skips and vLLM (globs *.safetensors)
         reads, so transformers reports no unexpected keys and vLLM's MTP loader finds layer N.*"""
@@ -772,8 +775,8 @@ class DeepseekForCausalLM(nn.Module):
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
-        main, mtp = self.hf_state_dict()
-        dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        main, mtp = self.hf_state_dict(state_dict)
+        dtype = str(main["model.embed_tokens.weight"].dtype).removeprefix("torch.")
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({**self.config.to_hf_dict(), "dtype": dtype}, f, indent=2)
         save_file(main, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
