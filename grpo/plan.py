@@ -11,7 +11,8 @@ takes the rest of its gpu_memory_utilization share (compared with a step's promp
 tokens), its weights bf16. With --gpus N (one process per GPU) the parts the stage's runtime.distributed shards
 are divided by N: FSDP2 the weights, gradients, moments and GRPO reference, plus the units gathered in flight (the
 root: embedding, norm, head; one layer); ZeRO-2 the gradients, moments and reference; ZeRO-3 the weights too; DDP
-(auto) and the one-process stages (distill, reject, eval) nothing. vLLM's weights are divided by its tensor-parallel
+(auto) and the stages that keep a whole model per rank (reject, eval, distill on_policy) nothing; distill's teacher
+is sharded as the reference is. vLLM's weights are divided by its tensor-parallel
 size (the KV cache's bytes per token are counted whole: a lower bound on its tokens under tensor parallelism).
 """
 
@@ -99,6 +100,12 @@ def shapes(path: str, lora=None) -> dict:
             "root": root, "layer": layer}
 
 
+def spreads(sec) -> bool:
+    """Does runtime.distributed spread this stage's model over the processes? sft, grpo and distill's kd (with
+    mode sft it is an SFT run); reject splits its shards and eval repeats its work, each rank whole."""
+    return sec.kind in ("sft", "grpo") or (sec.kind == "distill" and sec.mode in ("kd", "sft"))
+
+
 def memory_plan(sec, model: str, gpu_gib: float = 80.0, gpus: int = 1) -> list[tuple[str, float]]:
     """[(part, GiB per GPU)] for one stage on `model` as configured, over `gpus` processes: a training stage's
     weights, gradients, AdamW moments, reference or teacher and activations; a sampling stage's weights; vLLM's
@@ -108,7 +115,7 @@ def memory_plan(sec, model: str, gpu_gib: float = 80.0, gpus: int = 1) -> list[t
     s = shapes(model, rt.lora if training else None)
     b_w = DTYPES[rt.dtype].itemsize
     # what runtime.distributed shards over the gpus (grpo.accel: distributed, shard_frozen); distill runs alone
-    how = rt.distributed if gpus > 1 and kind in ("sft", "grpo") else "one"
+    how = rt.distributed if gpus > 1 and spreads(sec) else "one"
     w_div = gpus if how == "fsdp2" or (how == "deepspeed" and rt.zero_stage == 3) else 1
     opt_div = gpus if how in ("fsdp2", "deepspeed") else 1
     rows = []
@@ -124,7 +131,8 @@ def memory_plan(sec, model: str, gpu_gib: float = 80.0, gpus: int = 1) -> list[t
             rows.append(("reference" + (tag if ref_div > 1 else ""),
                          s["params"] * frozen_dtype(rt).itemsize / ref_div))
         if kind == "distill" and sec.teacher is not None:
-            rows.append(("teacher", shapes(sec.teacher)["params"] * frozen_dtype(rt).itemsize))
+            rows.append(("teacher" + (tag if opt_div > 1 else ""),
+                         shapes(sec.teacher)["params"] * frozen_dtype(rt).itemsize / opt_div))
         seq, batch = ((512 + sec.sampling.max_tokens, sec.micro_batch_size) if kind == "grpo"
                       else (sec.max_length, sec.batch_size))
         b_act = 4 if rt.dtype == "float32" and rt.mixed_precision == "no" else 2
@@ -230,8 +238,10 @@ def check_split(name: str, sec, gpus: int) -> None:
     """The batch fields a run over `gpus` processes splits must divide evenly (the stages' own checks, made before
     any GPU is taken): GRPO's prompts_per_step and vLLM tensor-parallel size, SFT's batch_size."""
     for field in ("prompts_per_step", "batch_size"):
-        if sec.kind in ("sft", "grpo") and hasattr(sec, field) and getattr(sec, field) % gpus:
+        if spreads(sec) and hasattr(sec, field) and getattr(sec, field) % gpus:
             raise ConfigError(f"{name}.{field}={getattr(sec, field)} must divide evenly over --gpus {gpus}")
+    if sec.kind == "distill" and sec.mode == "on_policy" and gpus > 1:
+        raise ConfigError(f"{name}: distill mode on_policy runs in one process; plan it with --gpus 1")
     tp = getattr(sec, "vllm_tensor_parallel_size", 1)
     if sec.kind == "grpo" and gpus % tp:
         raise ConfigError(f"{name}.vllm_tensor_parallel_size={tp} must divide --gpus {gpus}")
@@ -278,7 +288,7 @@ def dry_run(recipe: RecipeConfig, console: Console, gpu_gib: float = 80.0, devic
             if STAGES[sec.kind].chains:
                 current, current_real = str(stage_dir / "final"), model
             if plan:
-                how = sec.runtime.distributed if sec.kind in ("sft", "grpo") else "not sharded"
+                how = sec.runtime.distributed if spreads(sec) else "not sharded"
                 spread = f", {how} over {gpus} GPUs" if gpus > 1 else ""
                 table = Table(title=f"{name}: memory per GPU for {model} "
                                     f"(dtype {sec.runtime.dtype}{', LoRA' if sec.runtime.lora else ''}{spread})")
