@@ -203,6 +203,17 @@ class TISConfig(Strict):
     cap: float = Field(2.0, gt=0.0)
 
 
+class VLLMServerConfig(Strict):
+    """Where the `r1 serve` process of `rollout: server` listens, and how long the trainer waits for it."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=1, le=65534)  # control port; the weight broadcast uses port + 1
+    timeout_s: float = Field(600.0, gt=0)  # one generate reply
+    connect_timeout_s: float = Field(240.0, gt=0)  # the server may still be loading its model
+    weight_timeout_s: float = Field(300.0, gt=0)  # one weight broadcast
+    bucket_mb: float = Field(256.0, gt=0)
+
+
 class DynamicSamplingConfig(Strict):
     """DAPO's dynamic sampling: drop prompt groups whose rewards all agree and draw more prompts, up to
     `max_batches` draws of prompts_per_step prompts per step (grpo/dynamic.py)."""
@@ -217,7 +228,9 @@ class GRPOConfig(OptimFields):
     model: str | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     template: str = "r1_zero"
-    rollout: Literal["native", "vllm"] = "native"
+    # native: the trainer's own model; vllm: a colocated engine; server: an `r1 serve` process (other GPUs)
+    rollout: Literal["native", "vllm", "server"] = "native"
+    vllm_server: VLLMServerConfig = Field(default_factory=VLLMServerConfig)
     vllm_gpu_memory_utilization: float = 0.3
     # colocated vLLM (GPU) between rollout and update: 1 offloads its weights to host RAM and frees the KV cache;
     # 2 discards the weights too (less host RAM; the sync after waking refills every parameter)

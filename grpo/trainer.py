@@ -123,6 +123,8 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
         checkpoint.load_shard(last, opt, scorer)
     if is_fsdp2(scorer) and cfg.dynamic_sampling:  # ranks would run different numbers of sharded forwards
         raise ValueError("dynamic_sampling: not supported with runtime.distributed fsdp2")
+    if cfg.rollout == "server" and world > 1 and cfg.dynamic_sampling:  # rank 0 relays: ranks must draw alike
+        raise ValueError("dynamic_sampling with rollout: server under torchrun is not supported")
     if cfg.prompts_per_step % world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide evenly over {world} processes")
     main = rank == 0
@@ -134,11 +136,12 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
         raise ValueError(f"routing_replay: {model_path} is not r1kit's DeepSeek MoE model (no routed experts)")
     worker = make_worker(cfg.rollout, policy, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                          seed=cfg.seed, record_routing=cfg.routing_replay, sleep_level=cfg.vllm_sleep_level,
-                         tensor_parallel_size=cfg.vllm_tensor_parallel_size)
+                         tensor_parallel_size=cfg.vllm_tensor_parallel_size, server=cfg.vllm_server, world=world,
+                         rank=rank)
     worker = for_generation(worker, scorer)  # FSDP2: generate on unsharded weights, no collective inside
     if main and getattr(worker, "tp_group", None) is not None:  # vLLM's own group (vllm_tensor_parallel_size)
         console.print(f"\\[grpo] vLLM tensor parallel: ranks {worker.tp_group.ranks} run one engine, a shard each")
-    if start > 0:
+    if start > 0 or cfg.rollout == "server":  # a server loaded its own checkpoint (or an older run's weights)
         worker.update_weights(policy)  # the module: parameters plus persistent buffers (MoE router bias)
     prompts = [render(cfg.template, r["prompt"], tok, **{k: v for k, v in r.items() if k != "prompt"}) for r in rows]
     prompt_ids = tok(prompts, add_special_tokens=False).input_ids
@@ -193,7 +196,8 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 groups, ds_metrics = dynamic.fill(lambda d: score(*sample(d)), P, draws)
                 t_gen, scored = time.perf_counter() - t0 - timers["time/reward"], None
                 idx, comps, totals, per = dynamic.flatten(groups)
-            worker.sleep()  # colocated vLLM on GPU frees its memory for the update; no-op for native
+            if cfg.rollout == "vllm":  # colocated vLLM on GPU frees its memory for the update (a server keeps its own)
+                worker.sleep()
             # 3. log-probs: reference (frozen) and old (for num_iterations > 1), then the clipped update(s)
             batch = build_batch([prompt_ids[i] for i in idx], comps, tok.pad_token_id)
             if cfg.mask_truncated_completions:  # cut at max_tokens: no loss on them (their rewards still count)
@@ -243,7 +247,8 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             timers["time/update"] = time.perf_counter() - t_update
             # 4. push the new weights to the sampler (a no-op for the native engine, which shares them)
             t_sync = time.perf_counter()
-            worker.wake()
+            if cfg.rollout == "vllm":
+                worker.wake()
             worker.update_weights(policy)  # the module: parameters plus persistent buffers (MoE router bias)
             t_sync = time.perf_counter() - t_sync
             if getattr(worker, "last_sync_bytes", 0):  # a separate engine (vLLM): what the push moved, how fast

@@ -75,7 +75,8 @@ class Server:
         cmd = msg["cmd"]
         w = self.worker
         if cmd == "ping":
-            return {"model": w.model_path, "max_model_len": w.max_model_len}
+            return {"model": w.model_path, "max_model_len": w.max_model_len,
+                    "dtype": str(w.dtype).removeprefix("torch.") if w.dtype is not None else None}
         if cmd == "generate":
             comps = w.generate(msg["prompt_ids"], msg["n"], SamplingParams(**msg["sampling"]))
             return {"completions": [dataclasses.asdict(c) for c in comps]}
@@ -196,6 +197,8 @@ class VLLMServerWorker:
         self.sock.settimeout(timeout)
         self.f = self.sock.makefile("rb")
         self.info = self._call({"cmd": "ping"}, "connect")
+        if self.dtype is None and self.info.get("dtype") in DTYPES:  # cast before the wire: bf16 halves it
+            self.dtype = DTYPES[self.info["dtype"]]
 
     def _call(self, msg: dict, what: str) -> dict:
         """Send one request and wait for its reply; server death or silence becomes a RolloutServerError."""
@@ -270,6 +273,70 @@ class VLLMServerWorker:
             self.sock.close()
         except OSError:
             pass
+
+
+class SharedServer:
+    """One `r1 serve` process for every torchrun rank of a trainer, as TRL's server mode: rank 0 holds the only
+    connection; the ranks' requests travel to it (gloo object collectives on the default group) and each rank gets
+    its own completions back. Every rank walks the weight stream (FSDP2 gathers each tensor collectively); rank 0
+    broadcasts it to the server."""
+
+    def __init__(self, client: VLLMServerWorker | None, world: int):
+        self.client, self.world = client, world  # client: rank 0's connection, None on the other ranks
+        self.last_sync_s, self.last_sync_mb_s, self.last_sync_bytes = 0.0, 0.0, 0
+
+    def _on_rank0(self, fn, local=None, per_rank: bool = False):
+        """Gather every rank's `local` to rank 0, run fn(list of them) there, and hand every rank its result (rank r
+        the r-th item, per_rank); an error on rank 0 is raised on every rank with its message, so no rank waits on
+        a collective alone."""
+        parts = [None] * self.world
+        dist.all_gather_object(parts, local)
+        box = [None]
+        if self.client is not None:
+            try:
+                box = [("ok", fn(parts))]
+            except Exception as e:  # noqa: BLE001  (re-raised below, on every rank)
+                box = [("error", (type(e), str(e)))]
+        dist.broadcast_object_list(box, src=0)
+        status, out = box[0]
+        if status == "error":
+            kind, msg = out
+            raise (kind if issubclass(kind, (ValueError, RuntimeError)) else RolloutServerError)(msg)
+        return out[dist.get_rank()] if per_rank else out
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
+        """Each rank's prompts with its own sampling seed, one server call per rank (rank order)."""
+        return self._on_rank0(lambda parts: [self.client.generate(*p) for p in parts], (prompt_ids, n, sampling),
+                              per_rank=True)
+
+    def update_weights(self, policy) -> None:
+        if self.client is not None:
+            self.client.update_weights(policy)
+        else:  # the FSDP2 gathers of rank 0's stream are collectives: join each of them, send nothing
+            for _ in sync_tensors(policy):
+                pass
+        self.last_sync_s, self.last_sync_mb_s, self.last_sync_bytes = self._on_rank0(
+            lambda _: (self.client.last_sync_s, self.client.last_sync_mb_s, self.client.last_sync_bytes))
+
+    def sleep(self) -> None:
+        self._on_rank0(lambda _: self.client.sleep())
+
+    def wake(self) -> None:
+        self._on_rank0(lambda _: self.client.wake())
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+
+def connect(cfg, world: int = 1, rank: int = 0):
+    """The trainer's client of `cfg` (a VLLMServerConfig): the connection itself in one process, a SharedServer
+    over torchrun ranks (only rank 0 connects)."""
+    client = None
+    if rank == 0:
+        client = VLLMServerWorker(cfg.host, cfg.port, timeout=cfg.timeout_s, connect_timeout=cfg.connect_timeout_s,
+                                  bucket_mb=cfg.bucket_mb, weight_timeout=cfg.weight_timeout_s)
+    return client if world == 1 else SharedServer(client, world)
 
 
 if __name__ == "__main__":
