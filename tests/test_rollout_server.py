@@ -145,3 +145,55 @@ def test_no_server_is_a_clear_error():
     port = free_port_pair()
     with pytest.raises(RolloutServerError, match=rf"no rollout server at 127.0.0.1:{port} after 1s.*r1 serve"):
         VLLMServerWorker("127.0.0.1", port, connect_timeout=1)
+
+
+def test_tensor_parallel_server_shards_one_engine_over_two_processes(tmp_path):
+    """`r1 serve --tensor-parallel-size 2`: two processes (relaunched under torchrun), one engine shard each; the
+    leader relays every request and both join the weight broadcast. It stays idle longer than its ranks' collective
+    timeout between calls (heartbeats keep the relay alive), then serves the pushed weights."""
+    from transformers import AutoModelForCausalLM
+
+    from grpo.rollout.base import SamplingParams
+    from grpo.rollout.server import VLLMServerWorker
+    from helpers import tiny_checkpoint
+
+    d = tiny_checkpoint(tmp_path / "model")  # 2 heads, 1 KV head: vLLM splits the heads, replicates the KV head
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    port = free_port_pair()
+    log = open(tmp_path / "server.log", "w+")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "grpo.rollout.server", str(d), "--port", str(port),
+                             "--max-model-len", "256", "--tensor-parallel-size", "2", "--collective-timeout", "6"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    try:
+        client = VLLMServerWorker("127.0.0.1", port, connect_timeout=240, timeout=120, weight_timeout=60)
+        assert client.info["tensor_parallel_size"] == 2
+        prompts = [[5, 6, 7, 8], [9, 10, 11]]
+        comps = client.generate(prompts, 2, SamplingParams(temperature=0.7, max_tokens=10, seed=0))
+        assert [c.prompt_index for c in comps] == [0, 0, 1, 1]
+        seqs = [prompts[c.prompt_index] + c.token_ids for c in comps]
+        starts = [len(prompts[c.prompt_index]) for c in comps]
+        assert maxdiff([c.logprobs for c in comps], hf_logprobs(model, seqs, starts, 0.7)) <= TOL
+        time.sleep(9)  # past the ranks' 6 s collective timeout: without the leader's heartbeats rank 1 would be gone
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        trained = hf_logprobs(model, seqs, starts)
+        assert maxdiff(client.score(seqs, starts), trained) > 0.1  # still the checkpoint's weights
+        client.bucket_bytes = 2**16  # several buckets, each broadcast to both server ranks
+        client.update_weights(model)
+        gap = maxdiff(client.score(seqs, starts), trained)
+        print(f"tensor-parallel server: pushed {client.last_sync_bytes / 2**20:.2f} MB to 2 ranks, log-prob gap "
+              f"{gap:.1e}")
+        assert gap <= TOL
+        client.shutdown()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.seek(0)
+        out = log.read()
+        log.close()
+    assert "2 tensor-parallel ranks" in out, out[-2000:]

@@ -2,9 +2,9 @@
 drives it through `VLLMServerWorker`, a RolloutWorker client.
 
 Control messages are newline-delimited JSON over one TCP connection (prompts, sampling params, completions; no
-pickle on the wire). Weights travel over torch.distributed: a two-rank group (trainer rank 0, server rank 1; gloo
-on CPU, NCCL on GPU) built from a TCPStore that the server hosts on port+1, outside the trainer's own default
-process group. Each bucket is one flat tensor: the client sends its names/shapes as JSON, then broadcasts it; the
+pickle on the wire). Weights travel over torch.distributed: a group of the trainer (rank 0) and the server's
+processes (rank 1, or 1..N with `--tensor-parallel-size N`; gloo on CPU, NCCL on GPU) built from a TCPStore that the
+server hosts on port+1, outside the trainer's own default process group. Each bucket is one flat tensor: the client sends its names/shapes as JSON, then broadcasts it; the
 server unflattens it straight into the engine's in-place reload, so a sync is one pass with bounded memory.
 """
 
@@ -14,6 +14,8 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
+import select
 import socket
 import sys
 import time
@@ -41,18 +43,19 @@ def recv(f) -> dict | None:
     return json.loads(line) if line else None
 
 
-def weight_group(host: str, port: int, rank: int, backend: str, timeout_s: float):
-    """A private two-rank process group (rank 0 trainer, rank 1 server) that leaves the default group alone."""
+def weight_group(host: str, port: int, rank: int, backend: str, timeout_s: float, world: int = 2):
+    """A private process group (rank 0 trainer, ranks 1.. the server's processes) that leaves the default group
+    alone."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, 2, is_master=rank == 1, timeout=timeout, wait_for_workers=False)
+    store = dist.TCPStore(host, port, world, is_master=rank == 1, timeout=timeout, wait_for_workers=False)
     if backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = timeout
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-        return store, dist.ProcessGroupGloo(store, rank, 2, opts)
+        return store, dist.ProcessGroupGloo(store, rank, world, opts)
     opts = dist.ProcessGroupNCCL.Options()
     opts._timeout = timeout
-    return store, dist.ProcessGroupNCCL(store, rank, 2, opts)
+    return store, dist.ProcessGroupNCCL(store, rank, world, opts)
 
 
 def broadcast(pg, t: torch.Tensor) -> None:
@@ -61,21 +64,71 @@ def broadcast(pg, t: torch.Tensor) -> None:
     pg.broadcast([t], opts).wait()
 
 
+class Lines:
+    """Newline-delimited JSON messages from a socket. While none arrives for `idle_s` seconds, `idle()` runs: the
+    leader's heartbeat to its other ranks, so a trainer that trains for an hour between calls times nothing out."""
+
+    def __init__(self, sock: socket.socket, idle_s: float | None = None, idle=None):
+        self.sock, self.idle_s, self.idle, self.buf = sock, idle_s, idle, bytearray()
+
+    def readline(self) -> dict | None:
+        """The next message, or None when the peer closed the connection."""
+        while (end := self.buf.find(b"\n")) < 0:
+            if self.idle is not None and not select.select([self.sock], [], [], self.idle_s)[0]:
+                self.idle()
+                continue
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line = bytes(self.buf[:end])
+        del self.buf[:end + 1]
+        return json.loads(line)
+
+
 # ---- server ---------------------------------------------------------------------------------------------------
 class Server:
-    """Serves one trainer connection at a time on a VLLMWorker living in this process."""
+    """Serves one trainer connection at a time on a VLLMWorker living in this process. With tensor parallelism the
+    server is N processes (torchrun), one engine shard each: rank 0, the leader, holds the trainer's connection
+    and relays every message to the others over `group` (gloo), so all N run the same commands on the same
+    requests, as vLLM's external launcher needs; only the leader replies. Every rank joins the weight broadcast."""
 
-    def __init__(self, worker, host: str, port: int, weight_timeout_s: float):
+    def __init__(self, worker, host: str, port: int, weight_timeout_s: float, group=None, heartbeat_s: float = 60.0):
         self.worker, self.host, self.port, self.weight_timeout_s = worker, host, port, weight_timeout_s
-        self.pg = self.store = None
+        self.group, self.heartbeat_s = group, heartbeat_s
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.size = dist.get_world_size(group) if group is not None else 1
+        self.pg = self.store = self.sock = self.lines = None
         self.device = "cpu"
 
-    def handle(self, msg: dict, f, sock) -> dict | None:
+    def relay(self, msg: dict | None) -> dict:
+        """TP: the leader's message, on every rank (the others pass None)."""
+        if self.group is None:
+            return msg
+        box = [msg]
+        dist.broadcast_object_list(box, group_src=0, group=self.group)
+        return box[0]
+
+    def read(self) -> dict | None:
+        """The trainer's next message on every rank (None: it disconnected); heartbeats are skipped."""
+        while True:
+            if self.rank == 0:
+                msg = self.relay(self.lines.readline() or {"cmd": "disconnect"})
+            else:
+                msg = self.relay(None)
+            if msg["cmd"] != "noop":
+                return None if msg["cmd"] == "disconnect" else msg
+
+    def reply(self, msg: dict) -> None:
+        if self.rank == 0:
+            send(self.sock, msg)
+
+    def handle(self, msg: dict) -> dict | None:
         """Run one command; returns the reply's fields (None: already replied)."""
         cmd = msg["cmd"]
         w = self.worker
         if cmd == "ping":
-            return {"model": w.model_path, "max_model_len": w.max_model_len,
+            return {"model": w.model_path, "max_model_len": w.max_model_len, "tensor_parallel_size": self.size,
                     "dtype": str(w.dtype).removeprefix("torch.") if w.dtype is not None else None}
         if cmd == "generate":
             comps = w.generate(msg["prompt_ids"], msg["n"], SamplingParams(**msg["sampling"]))
@@ -83,12 +136,13 @@ class Server:
         if cmd == "score":
             return {"logprobs": w.score(msg["sequences"], msg["starts"], msg.get("temperature", 1.0))}
         if cmd == "init_weights":
-            send(sock, {"ok": True})  # replied early: the client joins the group only after this
-            self.store, self.pg = weight_group(self.host, self.port + 1, 1, msg["backend"], self.weight_timeout_s)
+            self.reply({"ok": True})  # replied early: the client joins the group only after this
+            self.store, self.pg = weight_group(self.host, self.port + 1, 1 + self.rank, msg["backend"],
+                                               self.weight_timeout_s, world=1 + self.size)
             self.device = "cuda" if msg["backend"] == "nccl" else "cpu"
             return None
         if cmd == "update_weights":
-            stream = self._receive(f)
+            stream = self._receive()
             try:
                 w.push_stream(stream)
             except Exception:
@@ -101,10 +155,10 @@ class Server:
             return {}
         raise ValueError(f"unknown command {cmd!r}")
 
-    def _receive(self, f):
+    def _receive(self):
         """Yield (name, tensor) from broadcast buckets until the client's `end` message."""
         while True:
-            msg = recv(f)
+            msg = self.read()
             if msg is None or msg["cmd"] == "end":
                 if msg is None:
                     raise RolloutServerError("trainer disconnected in the middle of a weight update")
@@ -118,22 +172,35 @@ class Server:
                 offset += numel
 
     def serve_forever(self) -> None:
+        if self.rank > 0:  # the other TP ranks follow the leader's connections
+            while self.serve_connection() != "shutdown":
+                self.pg = self.store = None
+            return
+        heartbeat = None if self.group is None else (lambda: self.relay({"cmd": "noop"}))
         with socket.create_server((self.host, self.port)) as srv:
-            print(f"r1 serve: listening on {self.host}:{self.port} (weights on port {self.port + 1})", flush=True)
+            print(f"r1 serve: listening on {self.host}:{self.port} (weights on port {self.port + 1})"
+                  + (f", {self.size} tensor-parallel ranks" if self.size > 1 else ""), flush=True)
+            srv.settimeout(self.heartbeat_s if heartbeat else None)
             while True:
-                sock, addr = srv.accept()
-                with sock, sock.makefile("rb") as f:
-                    if self.serve_connection(sock, f) == "shutdown":
+                try:
+                    sock, addr = srv.accept()
+                except TimeoutError:  # no trainer yet: keep the other ranks' relay from timing out
+                    heartbeat()
+                    continue
+                sock.settimeout(None)
+                with sock:
+                    self.sock, self.lines = sock, Lines(sock, self.heartbeat_s, heartbeat)
+                    if self.serve_connection() == "shutdown":
                         return
                 self.pg = self.store = None  # a new trainer builds a new weight group
 
-    def serve_connection(self, sock, f) -> str | None:
-        while (msg := recv(f)) is not None:
+    def serve_connection(self) -> str | None:
+        while (msg := self.read()) is not None:
             if msg["cmd"] == "shutdown":
-                send(sock, {"ok": True})
+                self.reply({"ok": True})
                 return "shutdown"
             try:
-                out = self.handle(msg, f, sock)
+                out = self.handle(msg)
                 if out is None:
                     continue
                 reply = {"ok": True, **out}
@@ -141,12 +208,13 @@ class Server:
                 reply = {"ok": False, "kind": "request", "error": str(e)}
             except Exception as e:  # noqa: BLE001  (engine failures go back to the trainer with their message)
                 reply = {"ok": False, "kind": "engine", "error": f"{type(e).__name__}: {e}"}
-            send(sock, reply)
+            self.reply(reply)
         return None
 
 
 def main(argv: list[str]) -> int:
-    """`r1 serve MODEL [--host H] [--port P] ...`: start a vLLM engine and serve rollouts until killed."""
+    """`r1 serve MODEL [--host H] [--port P] [--tensor-parallel-size N] ...`: start a vLLM engine (N > 1: N
+    processes under torchrun, a shard each) and serve rollouts until killed."""
     ap = argparse.ArgumentParser(prog="r1 serve", description="Serve rollouts from a vLLM engine to an r1kit trainer.")
     ap.add_argument("model", help="HF checkpoint directory")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
@@ -154,20 +222,40 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="shard the engine over N processes (GPUs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--truncate", choices=["error", "left"], default="error")
     ap.add_argument("--weight-timeout", type=float, default=300.0, help="seconds before a weight broadcast fails")
+    ap.add_argument("--collective-timeout", type=float, default=1800.0,
+                    help="seconds before the tensor-parallel ranks give up on their leader (it beats 4 times as often)")
     args = ap.parse_args(argv)
+    tp = args.tensor_parallel_size
+    if tp > 1 and "LOCAL_RANK" not in os.environ:  # one process per shard, as vLLM's external launcher runs them
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                  str(tp), "-m", "grpo.rollout.server", *argv])
     from grpo.rollout.vllm import VLLMWorker, check_vllm
 
+    group = None
     try:
         check_vllm()
+        if tp > 1:
+            world = int(os.environ.get("WORLD_SIZE", 1))
+            if world != tp:
+                raise ValueError(f"--tensor-parallel-size {tp} runs {tp} processes, torchrun started {world}")
+            timeout = datetime.timedelta(seconds=args.collective_timeout)
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout)
+            group = dist.new_group(backend="gloo", timeout=timeout)  # the leader's relay to the other ranks
         worker = VLLMWorker(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-                            gpu_memory_utilization=args.gpu_memory_utilization, truncate=args.truncate)
+                            gpu_memory_utilization=args.gpu_memory_utilization, truncate=args.truncate,
+                            tensor_parallel_size=tp, tp_same_requests=True)
     except Exception as e:  # noqa: BLE001
         print(f"r1 serve: {e}", file=sys.stderr)
         return 1
-    Server(worker, args.host, args.port, args.weight_timeout).serve_forever()
+    Server(worker, args.host, args.port, args.weight_timeout, group,
+           heartbeat_s=max(1.0, args.collective_timeout / 4)).serve_forever()
     worker.close()
     return 0
 
@@ -234,7 +322,8 @@ class VLLMServerWorker:
         t0 = time.perf_counter()
         if self.pg is None:
             self._call({"cmd": "init_weights", "backend": self.backend}, "weight-group setup")
-            self.store, self.pg = weight_group(self.host, self.port + 1, 0, self.backend, self.weight_timeout)
+            self.store, self.pg = weight_group(self.host, self.port + 1, 0, self.backend, self.weight_timeout,
+                                               world=1 + self.info.get("tensor_parallel_size", 1))
         device = "cuda" if self.backend == "nccl" else "cpu"
         nbytes = 0
         try:

