@@ -196,7 +196,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 groups, ds_metrics = dynamic.fill(lambda d: score(*sample(d)), P, draws)
                 t_gen, scored = time.perf_counter() - t0 - timers["time/reward"], None
                 idx, comps, totals, per = dynamic.flatten(groups)
-            if cfg.rollout == "vllm":  # colocated vLLM on GPU frees its memory for the update (a server keeps its own)
+            if cfg.rollout != "server":  # colocated vLLM frees its memory for the update, FSDP2 reshards (native)
                 worker.sleep()
             # 3. log-probs: reference (frozen) and old (for num_iterations > 1), then the clipped update(s)
             batch = build_batch([prompt_ids[i] for i in idx], comps, tok.pad_token_id)
@@ -247,7 +247,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             timers["time/update"] = time.perf_counter() - t_update
             # 4. push the new weights to the sampler (a no-op for the native engine, which shares them)
             t_sync = time.perf_counter()
-            if cfg.rollout == "vllm":
+            if cfg.rollout != "server":  # a server on other devices never sleeps
                 worker.wake()
             worker.update_weights(policy)  # the module: parameters plus persistent buffers (MoE router bias)
             t_sync = time.perf_counter() - t_sync

@@ -66,6 +66,25 @@ def logged(train, cfg, base: str, run: Path) -> None:
         (run / "console.txt").write_text(console.file.getvalue())
 
 
+def sharded_at_update(train, cfg, base: str, run: Path) -> None:
+    """logged(), recording at every grad-enabled scorer forward (the policy update) whether the first decoder layer
+    is sharded again, i.e. the native sampler's whole-model gather was released after sampling; saved per rank."""
+    from torch.distributed.tensor import DTensor
+
+    seen = []
+
+    def hook(module, args):
+        if isinstance(module, TokenLogprobs) and torch.is_grad_enabled():
+            seen.append(isinstance(next(accel.decoder_layers(module)[0].parameters()), DTensor))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        logged(train, cfg, base, run)
+    finally:
+        handle.remove()
+    (run / f"sharded_at_update_rank{dist.get_rank()}.json").write_text(json.dumps(seen))
+
+
 def main(base: str, out: Path, student: str, moe: str) -> None:
     quiet = Console(quiet=True)
     for kind in ("ddp", "fsdp2"):
@@ -79,7 +98,7 @@ def main(base: str, out: Path, student: str, moe: str) -> None:
         ["rank0.pt", "rank1.pt", "state.pt"]
     sft.train(sft_config("fsdp2"), base, out / "sft_resumed", quiet)
     trainer.train(grpo_config(base, "ddp"), base, out / "grpo_ddp", quiet)
-    logged(trainer.train, grpo_config(base, "fsdp2"), base, out / "grpo_fsdp2")
+    sharded_at_update(trainer.train, grpo_config(base, "fsdp2"), base, out / "grpo_fsdp2")
     if rank == 0:  # GRPO too: step 3 again from the FSDP2 run's step-2 checkpoint (reference reset at step 2)
         shutil.copytree(out / "grpo_fsdp2" / "last", out / "grpo_resumed" / "last")
     dist.barrier()

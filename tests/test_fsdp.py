@@ -134,6 +134,10 @@ def test_fsdp2_matches_ddp_and_one_process(tmp_path):
         assert ra["num_processes"] == 2 and ra["completions/mean_length"] == rb["completions/mean_length"]
         assert abs(ra["grad_norm"] - rb["grad_norm"]) <= RTOL * rb["grad_norm"]
     assert (out / "grpo_fsdp2" / "last" / "trainer_state" / "rank1.pt").is_file()
+    # the sampler gathers the whole policy on every rank; each update's forward must find it sharded again
+    for r in (0, 1):
+        seen = json.loads((out / "grpo_fsdp2" / f"sharded_at_update_rank{r}.json").read_text())
+        assert len(seen) >= 3 and all(seen), seen
     g_resumed = weights(out / "grpo_resumed" / "final")  # resumed at step 2: bit-exact
     assert all(torch.equal(v, g["fsdp2"][k]) for k, v in g_resumed.items())
     g_tail = [json.loads(l) for l in (out / "grpo_resumed" / "metrics.jsonl").read_text().splitlines()]
