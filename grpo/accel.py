@@ -399,6 +399,8 @@ def deepspeed_engine(module, opt, rt: RuntimeConfig, max_grad_norm: float, launc
     if auto:
         raise ConfigError(f"DeepSpeed config: `{auto[0]}` is auto, which r1kit does not fill; give it a value")
     if ds["zero_optimization"]["stage"] == 3:
+        # a launching DeepSpeed config file's own threshold wins
+        ds["zero_optimization"].setdefault("stage3_param_persistence_threshold", rt.zero3_param_persistence_threshold)
         lm = next(m for m in module.modules() if hasattr(m, "get_output_embeddings"))  # the causal LM inside
         deepspeed.zero.register_external_parameter(module, lm.get_output_embeddings().weight)
     engine, opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds, dist_init_required=False)
@@ -485,6 +487,17 @@ def local_elements(module) -> tuple[int, int]:
             sum(p.numel() for p in params))
 
 
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """A ZeRO-3 partitioned parameter's whole value (a copy: the gather is released at once; a collective, so every
+    rank calls it in the same order), or `t` itself."""
+    if not hasattr(t, "ds_id"):
+        return t
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([t]):
+        return t.data.detach().clone()
+
+
 def copy_weights(dst, src) -> None:
     """dst's weights and buffers := src's (GRPO's reference reset; same names, any dtypes). Where dst is
     FSDP2-sharded each rank writes only its own shard: from src's shard when src is sharded alike (no gather), or
@@ -494,10 +507,10 @@ def copy_weights(dst, src) -> None:
     if not is_fsdp2(dst):
         dst.load_state_dict(full_state_dict(src))
         return
-    whole = src.state_dict()
+    whole = src.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, t in dst.state_dict().items():
-            v = whole[name]
+            v = gathered(whole[name]).detach()  # ZeRO-3: this tensor gathered, in dst's order on every rank
             if isinstance(t, DTensor):
                 if not isinstance(v, DTensor) or v.placements != t.placements:
                     v = distribute_tensor(v.full_tensor() if isinstance(v, DTensor) else v, t.device_mesh,
@@ -521,7 +534,10 @@ def full_norm(norm: torch.Tensor) -> torch.Tensor:
 
 def full_state_dict(model, rank0_only: bool = False) -> dict:
     """The model's full (unsharded) state dict: under FSDP2 gathered by every rank (a collective; with rank0_only,
-    on the CPU of rank 0 alone, the others get {}); else model.state_dict()."""
+    on the CPU of rank 0 alone, the others get {}); under ZeRO-3 gathered tensor by tensor on every rank; else
+    model.state_dict()."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return {n: gathered(t).detach() for n, t in model.state_dict(keep_vars=True).items()}
     if not is_fsdp2(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -564,14 +580,47 @@ class GatheredForGeneration:
         return getattr(self.worker, name)
 
 
+class Zero3GatheredForGeneration:
+    """GatheredForGeneration under DeepSpeed ZeRO-3: the first generate of a step enters DeepSpeed's own
+    unwrap_model_for_generation (every partitioned parameter gathered, its per-module fetch hooks lifted), so no
+    collective runs inside generation; sleep() leaves it (hooks back, weights partitioned again)."""
+
+    def __init__(self, worker, engine):
+        self.worker, self.engine, self.ctx = worker, engine, None
+
+    def generate(self, *args, **kwargs):
+        if self.ctx is None:
+            from deepspeed.runtime.zero import unwrap_model_for_generation
+
+            self.ctx = unwrap_model_for_generation(self.engine)
+            self.ctx.__enter__()
+        return self.worker.generate(*args, **kwargs)
+
+    def sleep(self) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(None, None, None)
+            self.ctx = None
+            # the forwards of generation ran without the hooks: DeepSpeed's recorded fetch order is stale
+            coordinator = self.engine.optimizer.parameter_offload.get_param_coordinator()
+            if not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()
+        self.worker.sleep()
+
+    def __getattr__(self, name):
+        return getattr(self.worker, name)
+
+
 def for_generation(worker, scorer):
-    """`worker`, or under FSDP2 with the native sampler a GatheredForGeneration around it (vLLM holds its own
-    weights: its push gathers the shards tensor by tensor, rollout/vllm.py sync_tensors)."""
+    """`worker`, or with the native sampler under FSDP2 a GatheredForGeneration around it, under ZeRO-3 a
+    Zero3GatheredForGeneration (vLLM holds its own weights: its push gathers the shards tensor by tensor,
+    rollout/vllm.py sync_tensors)."""
     from grpo.rollout.native import NativeWorker
 
-    if not is_fsdp2(scorer) or not isinstance(worker, NativeWorker):
+    if not isinstance(worker, NativeWorker):
         return worker
-    return GatheredForGeneration(worker, scorer)
+    if zero3(scorer):
+        return Zero3GatheredForGeneration(worker, scorer)
+    return GatheredForGeneration(worker, scorer) if is_fsdp2(scorer) else worker
 
 
 def all_sum(x: float, world: int) -> float:

@@ -114,6 +114,9 @@ class RuntimeConfig(Strict):
     # deepspeed: ZeRO-2 shards gradients and optimizer state, ZeRO-3 the weights too (offload and the rest: an
     # accelerate DeepSpeed config file, whose values win, see recipes/accelerate/)
     zero_stage: Literal[2, 3] = 2
+    # ZeRO-3: parameters of fewer elements than this stay whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold, 1e5 by default: a tiny model would not be partitioned at all)
+    zero3_param_persistence_threshold: int = Field(100_000, ge=0)
     # every collective of a multi-process run (gradient reduction, gathers, barriers) fails after this long instead
     # of hanging on a dead or stuck peer
     collective_timeout_s: float = Field(1800.0, gt=0)

@@ -113,8 +113,8 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                                else (local, lambda: adapter_disabled(policy)))
     # DDP or DeepSpeed wraps the scorer, or FSDP2 shards it (root unit) and its layers: its forward runs backward's loss
     scorer, opt, rank, world = distributed(local, opt, rt, cfg.max_grad_norm)
-    if zero3(scorer):  # the sampler and the reference reset read the policy's weights, partitioned under ZeRO-3
-        raise ValueError("runtime.zero_stage: GRPO supports DeepSpeed ZeRO-2 (use 2, or distributed: fsdp2)")
+    if zero3(scorer) and cfg.dynamic_sampling:  # ranks would run different numbers of partitioned forwards
+        raise ValueError("dynamic_sampling: not supported with runtime.zero_stage 3")
     # FSDP2 / ZeRO: the reference is sharded as well (each rank 1/world of it). Not with dynamic sampling (ZeRO-2
     # only), where ranks may keep different numbers of groups, so run different numbers of reference forwards
     if ref is not None and not cfg.dynamic_sampling:

@@ -1,5 +1,5 @@
 """Run by tests/test_deepspeed.py under `torchrun --nproc_per_node 2`: the same SFT runs under DDP, DeepSpeed ZeRO-2
-and ZeRO-3, the same GRPO runs under DDP and ZeRO-2, a ZeRO-3 SFT and a ZeRO-2 GRPO resume, and what each rank holds
+and ZeRO-3, the same GRPO runs under DDP, ZeRO-2 and ZeRO-3, a ZeRO-3 SFT and a ZeRO-2 GRPO resume, and what each rank holds
 under ZeRO; the test compares the checkpoints this writes.
 
 usage: torchrun --nproc_per_node 2 tests/deepspeed_script.py BASE_CHECKPOINT OUT_DIR
@@ -19,7 +19,9 @@ from grpo.logprobs import TokenLogprobs
 from grpo.models import hf
 from tests.fsdp_script import grpo_config, logged, sft_config
 
-RUNS = {"ddp": ("ddp", {}), "zero2": ("deepspeed", {"zero_stage": 2}), "zero3": ("deepspeed", {"zero_stage": 3})}
+# ZeRO-3 partitions every parameter (DeepSpeed keeps ones under 1e5 elements whole by default: all of this model's)
+RUNS = {"ddp": ("ddp", {}), "zero2": ("deepspeed", {"zero_stage": 2}),
+        "zero3": ("deepspeed", {"zero_stage": 3, "zero3_param_persistence_threshold": 0})}
 
 
 def sft_run(kind: str):
@@ -41,10 +43,12 @@ def held(stage: int, base: str) -> dict:
     model, _ = hf.load(base)
     module = TokenLogprobs(model)
     opt, _ = accel.make_optimizer(model, sft_config("deepspeed"), 1)
-    engine, _, _, _ = accel.distributed(module, opt, RuntimeConfig(distributed="deepspeed", zero_stage=stage))
+    engine, _, _, _ = accel.distributed(module, opt, RuntimeConfig(distributed="deepspeed", zero_stage=stage,
+                                                                   zero3_param_persistence_threshold=0))
     if stage == 2:
         local = sum(p.numel() for p in engine.optimizer.single_partition_of_fp32_groups)
-    else:
+    else:  # the partition, and no whole copy beside it
+        assert all(p.data.numel() == 0 for p in module.parameters()), "a ZeRO-3 parameter stayed whole"
         local = sum(p.ds_tensor.numel() for p in module.parameters())
     return {"local": local, "total": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
 
@@ -58,6 +62,8 @@ def main(base: str, out: Path) -> None:
     copy_last(out / "sft_zero3", out / "sft_resumed")
     sft.train(sft_run("zero3"), base, out / "sft_resumed", quiet)
     logged(trainer.train, grpo_config(base, "deepspeed", "grpo.runtime.zero_stage=2"), base, out / "grpo_zero2")
+    logged(trainer.train, grpo_config(base, "deepspeed", "grpo.runtime.zero_stage=3",
+                                      "grpo.runtime.zero3_param_persistence_threshold=0"), base, out / "grpo_zero3")
     copy_last(out / "grpo_zero2", out / "grpo_resumed")
     trainer.train(grpo_config(base, "deepspeed", "grpo.runtime.zero_stage=2"), base, out / "grpo_resumed", quiet)
     counts = {}

@@ -24,8 +24,8 @@ from grpo.models import hf
 
 def sft_config(kind: str, steps: int = 4, **fields) -> SFTConfig:
     """A few SFT steps on the synthetic arithmetic task, global batch 8 (4 per rank), a checkpoint and a held-out
-    loss every 2 steps; `fields` go to the config (say warmup_steps) or, for zero_stage, to its runtime."""
-    runtime = {"distributed": kind, **({"zero_stage": fields.pop("zero_stage")} if "zero_stage" in fields else {})}
+    loss every 2 steps; `fields` go to the config (say warmup_steps) or, for zero_* keys, to its runtime."""
+    runtime = {"distributed": kind, **{k: fields.pop(k) for k in list(fields) if k.startswith("zero")}}
     return SFTConfig.model_validate({"data": {"num_examples": 64}, "template": "r1_zero", "steps": steps, "batch_size": 8,
                                      "learning_rate": 1e-3, "save_every": 2, "eval_fraction": 0.1, "eval_every": 2,
                                      "runtime": runtime, **fields})

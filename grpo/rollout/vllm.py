@@ -107,9 +107,12 @@ def sync_tensors(policy) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    """An FSDP2 shard (DTensor) all-gathered into the full tensor, as the stream reaches it: every rank pushes to its
-    own engine in the same order, so the gathers pair up, and at most one bucket is ever gathered at once."""
-    return t.detach().full_tensor() if hasattr(t, "full_tensor") else t
+    """An FSDP2 shard (DTensor) or a ZeRO-3 partition all-gathered into the full tensor, as the stream reaches it:
+    every rank pushes to its own engine in the same order, so the gathers pair up, and at most one bucket is ever
+    gathered at once."""
+    from grpo.accel import gathered
+
+    return t.detach().full_tensor() if hasattr(t, "full_tensor") else gathered(t)
 
 
 def _merged_peft(policy) -> Iterator[tuple[str, torch.Tensor]]:
