@@ -67,8 +67,11 @@ def save(final: Path, model, tokenizer, state: dict | None = None, optimizer=Non
     if sharded and not ds:
         full = full_state_dict(model, rank0_only=True)
     elif ds and zero3(wrapped):
-        prefix = next(n for n, m in wrapped.module.named_modules() if m is model) + "."
-        full = {k[len(prefix):]: v for k, v in (wrapped._zero3_consolidated_16bit_state_dict() or {}).items()}
+        lora = hasattr(model, "get_base_model")  # the engine holds the peft model's base (TokenLogprobs.lm)
+        inner = model.get_base_model() if lora else model
+        prefix = next(n for n, m in wrapped.module.named_modules() if m is inner) + "."
+        full = {("base_model.model." if lora else "") + k[len(prefix):]: v
+                for k, v in (wrapped._zero3_consolidated_16bit_state_dict() or {}).items()}
     staged = Path(final).parent / f".{Path(final).name}.rank{rank}.pt"
     staged_ds = Path(final).parent / f".{Path(final).name}.deepspeed"
     if sharded and state is not None:
@@ -83,6 +86,8 @@ def save(final: Path, model, tokenizer, state: dict | None = None, optimizer=Non
         dist.barrier()  # every shard is staged before rank 0 moves them into the new checkpoint
         if rank != 0:
             return Path(final)
+        if full is not None and hasattr(model, "merge_and_unload"):  # LoRA: save an unsharded copy as below
+            model, full = _whole_peft(model, full), None
         seen: set[int] = set()  # tied weights (embedding = head) gathered under each name: keep the first, as HF does
         for k, v in model.state_dict(keep_vars=True).items():
             if id(v) in seen and full is not None:
@@ -114,6 +119,26 @@ def save(final: Path, model, tokenizer, state: dict | None = None, optimizer=Non
                 os.replace(staged_ds, ts / "deepspeed")
 
     return atomic_dir(final, write)
+
+
+def _whole_peft(model, full: dict):
+    """A whole CPU copy of a sharded peft model (FSDP2 or ZeRO-3) from its gathered state dict, on rank 0, so that
+    its adapter and merged weights are saved by peft's own code, as in one process. Built on the meta device and
+    filled by assignment: no second initialisation of the weights."""
+    from peft import get_peft_model
+
+    base = model.get_base_model()
+    name = model.active_adapter
+    with torch.device("meta"):
+        whole = get_peft_model(type(base)(copy.deepcopy(base.config)), copy.deepcopy(model.peft_config[name]),
+                               adapter_name=name)
+    missing, unexpected = whole.load_state_dict(full, strict=False, assign=True)
+    whole.get_base_model().tie_weights()  # a tied head was gathered under the embedding's name alone
+    left = [n for n, p in whole.named_parameters() if p.is_meta]
+    if unexpected or left:
+        raise RuntimeError(f"LoRA checkpoint: gathered weights do not fit the model (unexpected {unexpected[:3]}, "
+                           f"missing {left[:3]})")
+    return whole.eval()
 
 
 def _shard_state(optimizer) -> dict:

@@ -122,9 +122,7 @@ class RuntimeConfig(Strict):
     collective_timeout_s: float = Field(1800.0, gt=0)
 
     @model_validator(mode="after")
-    def _sharded_lora(self):
-        if self.distributed in ("fsdp2", "deepspeed") and self.lora is not None:
-            raise ValueError(f"runtime.distributed: {self.distributed} with runtime.lora is not supported (use ddp)")
+    def _sharded_compile(self):
         if self.compile and self.distributed in ("fsdp2", "deepspeed"):
             raise ValueError(f"runtime.compile: not supported with distributed: {self.distributed} (use ddp)")
         return self

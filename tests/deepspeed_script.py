@@ -1,5 +1,5 @@
 """Run by tests/test_deepspeed.py under `torchrun --nproc_per_node 2`: the same SFT runs under DDP, DeepSpeed ZeRO-2
-and ZeRO-3, the same GRPO runs under DDP, ZeRO-2 and ZeRO-3, a ZeRO-3 SFT and a ZeRO-2 GRPO resume, and what each rank holds
+and ZeRO-3, the same GRPO runs (full and LoRA) under DDP, ZeRO-2 and ZeRO-3, a ZeRO-3 SFT and a ZeRO-2 GRPO resume, and what each rank holds
 under ZeRO; the test compares the checkpoints this writes.
 
 usage: torchrun --nproc_per_node 2 tests/deepspeed_script.py BASE_CHECKPOINT OUT_DIR
@@ -17,7 +17,7 @@ from grpo import accel, sft, trainer
 from grpo.config import RuntimeConfig
 from grpo.logprobs import TokenLogprobs
 from grpo.models import hf
-from tests.fsdp_script import grpo_config, logged, sft_config
+from tests.fsdp_script import grpo_config, logged, lora_grpo, lora_push, sft_config
 
 # ZeRO-3 partitions every parameter (DeepSpeed keeps ones under 1e5 elements whole by default: all of this model's)
 RUNS = {"ddp": ("ddp", {}), "zero2": ("deepspeed", {"zero_stage": 2}),
@@ -64,6 +64,12 @@ def main(base: str, out: Path) -> None:
     logged(trainer.train, grpo_config(base, "deepspeed", "grpo.runtime.zero_stage=2"), base, out / "grpo_zero2")
     logged(trainer.train, grpo_config(base, "deepspeed", "grpo.runtime.zero_stage=3",
                                       "grpo.runtime.zero3_param_persistence_threshold=0"), base, out / "grpo_zero3")
+    # LoRA GRPO under DDP and ZeRO-2/3 (ZeRO-3: its checkpoint written from an unsharded copy on rank 0)
+    trainer.train(lora_grpo(base, "ddp"), base, out / "grpo_lora_ddp", quiet)
+    trainer.train(lora_grpo(base, "deepspeed", "grpo.runtime.zero_stage=2"), base, out / "grpo_lora_zero2", quiet)
+    trainer.train(lora_grpo(base, "deepspeed", "grpo.runtime.zero_stage=3",
+                            "grpo.runtime.zero3_param_persistence_threshold=0"), base, out / "grpo_lora_zero3", quiet)
+    lora_push(base, out, RuntimeConfig(distributed="deepspeed", zero_stage=3, zero3_param_persistence_threshold=0))
     copy_last(out / "grpo_zero2", out / "grpo_resumed")
     trainer.train(grpo_config(base, "deepspeed", "grpo.runtime.zero_stage=2"), base, out / "grpo_resumed", quiet)
     counts = {}

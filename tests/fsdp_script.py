@@ -1,11 +1,12 @@
 """Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2`: the same SFT and GRPO runs under DDP and FSDP2, an
-FSDP2 SFT and GRPO resume, distill kd under DDP and FSDP2, DDP and FSDP2 SFT of r1kit's MoE model, a 2-rank reject, and
-FSDP2's per-rank parameter counts; the test compares
+FSDP2 SFT and GRPO resume, distill kd under DDP and FSDP2, DDP and FSDP2 SFT of r1kit's MoE model, a 2-rank reject,
+LoRA GRPO under DDP and FSDP2 (and its resume and vLLM weight stream), and FSDP2's per-rank parameter counts; the test compares
 the checkpoints this writes.
 
 usage: torchrun --nproc_per_node 2 tests/fsdp_script.py BASE_CHECKPOINT OUT_DIR STUDENT_CHECKPOINT MOE_CHECKPOINT
 """
 
+import copy
 import io
 import json
 import shutil
@@ -39,6 +40,41 @@ def grpo_config(base: str, kind: str, *extra: str):
                  "grpo.micro_batch_size=3", "grpo.ref_reset_every=2", f"grpo.runtime.distributed={kind}",
                  "grpo.rewards=[{name: accuracy}, {name: format}, {name: 'tests.helpers:length_reward'}]", *extra]
     return load_stage("grpo", "recipes/r1-zero-tiny.yaml", overrides)[0]
+
+
+def lora_grpo(base: str, kind: str, *extra: str):
+    """grpo_config with a LoRA adapter (r 4) instead of full training, and no reference reset (the reference is the
+    adapter switched off)."""
+    return grpo_config(base, kind, "grpo.ref_reset_every=0", "grpo.runtime.lora={r: 4, alpha: 8}", *extra)
+
+
+def lora_push(base: str, out: Path, rt: RuntimeConfig | None = None, name: str = "lora_push") -> None:
+    """The vLLM weight stream of a LoRA model sharded by `rt` (FSDP2 by default: every rank gathers, the adapter's
+    delta computed from DTensor shards; ZeRO-3: inside a gather of each layer's partitions) against the same
+    model's unsharded stream; rank 0 writes the comparison to `name`.json."""
+    from grpo.config import LoRAConfig
+    from grpo.rollout.vllm import sync_tensors
+
+    model, _ = hf.load(base)
+    peft = accel.add_lora(model, LoRAConfig(r=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a nonzero adapter (a fresh one's B is 0, its delta nothing)
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    whole = {n: t.clone() for n, t in sync_tensors(copy.deepcopy(peft))}
+    rt = rt or RuntimeConfig(distributed="fsdp2")
+    opt = accel.make_optimizer(peft, sft_config(rt.distributed), 1)[0] if rt.distributed == "deepspeed" else None
+    accel.distributed(TokenLogprobs(peft), opt, rt)
+    pushed = {n: t.clone() for n, t in sync_tensors(peft)}
+    sharded = accel.is_fsdp2(peft) or all(p.data.numel() == 0 for p in peft.parameters())  # ZeRO-3: partitions only
+    if dist.get_rank() == 0:
+        (out / f"{name}.json").write_text(json.dumps({
+            "same_names": sorted(pushed) == sorted(whole), "n": len(whole), "sharded": sharded,
+            "max_abs": max(float((pushed[n] - whole[n]).abs().max()) for n in whole),
+            "delta": max(float((whole[n] - w).abs().max()) for n, w in hf.load(base)[0].state_dict().items()
+                         if n in whole)}))
+    dist.barrier()
 
 
 def distill_config(teacher: str, student: str, kind: str) -> DistillConfig:
@@ -111,6 +147,14 @@ def main(base: str, out: Path, student: str, moe: str) -> None:
         sft.train(sft_config(kind), moe, out / f"sft_moe_{kind}", quiet)
     # rejection sampling: the two ranks share its shards, rank 0 assembles them
     reject.run(reject_config(base), base, out / "reject", quiet)
+    # LoRA GRPO under DDP and FSDP2, an FSDP2 LoRA resume, and the sharded LoRA model's vLLM weight stream
+    for kind in ("ddp", "fsdp2"):
+        trainer.train(lora_grpo(base, kind), base, out / f"grpo_lora_{kind}", quiet)
+    if rank == 0:
+        shutil.copytree(out / "grpo_lora_fsdp2" / "last", out / "grpo_lora_resumed" / "last")
+    dist.barrier()
+    trainer.train(lora_grpo(base, "fsdp2"), base, out / "grpo_lora_resumed", quiet)
+    lora_push(base, out)
     # per-rank parameter elements under FSDP2, on the scorer GRPO shards
     model, _ = hf.load(base)
     scorer, _, rank, world = accel.distributed(TokenLogprobs(model), None, RuntimeConfig(distributed="fsdp2"))

@@ -188,6 +188,21 @@ def test_fsdp2_matches_ddp_and_one_process(tmp_path):
         assert all(torch.equal(m[k], m_one[k]) for k in bias)  # sums of gamma * sign(mean - load): exact
         assert m_diff < RTOL
 
+    # LoRA GRPO: FSDP2 == DDP, merged weights and adapter (its checkpoint written from an unsharded copy on rank 0),
+    # and the resumed FSDP2 LoRA run ends bit-exact; the weight stream a sharded LoRA model sends vLLM is the whole one
+    lora = {k: (weights(out / f"grpo_lora_{k}" / "final"), weights(out / f"grpo_lora_{k}" / "final" / "adapter"))
+            for k in ("ddp", "fsdp2", "resumed")}
+    l_diff = max(max_rel(lora["fsdp2"][i], lora["ddp"][i]) for i in (0, 1))
+    b_norm = min(float(v.norm()) for k, v in lora["ddp"][1].items() if "lora_B" in k)
+    print(f"LoRA GRPO fsdp2 vs ddp: max rel diff {l_diff:.3g} (merged weights and adapter); smallest trained "
+          f"lora_B norm {b_norm:.3g}")
+    assert l_diff < RTOL and b_norm > 0
+    assert all(torch.equal(v, lora["fsdp2"][i][k]) for i in (0, 1) for k, v in lora["resumed"][i].items())
+    push = json.loads((out / "lora_push.json").read_text())
+    print(f"LoRA vLLM stream under FSDP2: {push['n']} tensors, max |sharded - whole| {push['max_abs']:.2g}, "
+          f"merged delta up to {push['delta']:.2g}")
+    assert push["sharded"] and push["same_names"] and push["delta"] > 1e-3 and push["max_abs"] <= 1e-6
+
     # reject: two ranks sharing the shards write the very bytes one process writes
     one_reject = tmp_path / "reject_one"
     reject.run(reject_config(str(base)), str(base), one_reject)
@@ -202,11 +217,11 @@ def test_fsdp2_matches_ddp_and_one_process(tmp_path):
 
 
 def test_distributed_config_errors():
-    """runtime.distributed takes auto | ddp | fsdp2; fsdp2 with LoRA is refused, naming the field."""
+    """runtime.distributed takes auto | ddp | fsdp2 | deepspeed; fsdp2 with compile is refused, naming the field."""
     with pytest.raises(ValidationError, match="distributed"):
         RuntimeConfig(distributed="zero3")
-    with pytest.raises(ValidationError, match="runtime.distributed: fsdp2 with runtime.lora"):
-        RuntimeConfig(distributed="fsdp2", lora={"r": 4})
+    with pytest.raises(ValidationError, match="runtime.compile: not supported with distributed: fsdp2"):
+        RuntimeConfig(distributed="fsdp2", compile=True)
     assert RuntimeConfig().distributed == "auto"
 
 

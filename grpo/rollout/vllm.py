@@ -126,14 +126,28 @@ def _merged_peft(policy) -> Iterator[tuple[str, torch.Tensor]]:
         if "lora_" in name or ".original_module." in name:
             continue
         owner = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else None
+        t = _full(t)  # FSDP2 / ZeRO-3: this tensor whole
         if owner in loras and name.endswith(".base_layer.weight") and not loras[owner].merged:
             mod = loras[owner]
             with torch.no_grad():
                 for a in mod.active_adapters:
                     if a in mod.lora_A:
-                        t = t + mod.get_delta_weight(a).to(t.dtype)
+                        t = t + _delta(mod, a).to(t.dtype)
         name = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
         yield clean_name(name), t
+
+
+def _delta(mod, adapter: str) -> torch.Tensor:
+    """LoRA layer `mod`'s weight delta for `adapter`, whole: under ZeRO-3 computed inside a gather of the layer's
+    partitions, under FSDP2 from the DTensor shards (DTensor runs the product) and then gathered."""
+    parts = [p for p in mod.parameters() if hasattr(p, "ds_id")]
+    if parts:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(parts):
+            return mod.get_delta_weight(adapter).clone()
+    d = mod.get_delta_weight(adapter)
+    return d.full_tensor() if hasattr(d, "full_tensor") else d
 
 
 def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype | None = None,
