@@ -8,12 +8,16 @@ Table 5 (a row per model, a column per benchmark and metric). Formulas and keys:
 
 Simplifications: every benchmark shares the stage's template, sampling and rewards; the reward labelled
 `accuracy` (else the first) decides correctness, and a sample counts as correct for pass@j (j > 1) when it
-scores 1.0; majority voting compares extracted answer strings as written ("35" and "35.0" are two votes); under
-torchrun every rank evaluates everything (no split of the problems) and rank 0 writes.
+scores 1.0; majority voting compares extracted answer strings as written ("35" and "35.0" are two votes).
+
+Under torchrun each rank samples a contiguous share of every benchmark's problems, with the request seeds those
+problems have in one process (SamplingParams.first_index), and the shares are gathered in rank order, so the
+numbers equal one process's; every rank scores the gathered samples and rank 0 writes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -139,11 +143,12 @@ def evaluate(cfg: EvalConfig, model_path: str, console: Console | None = None) -
     sp = cfg.sampling
     sampling = SamplingParams(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, max_tokens=sp.max_tokens,
                               stop=list(sp.stop), seed=cfg.seed, logprobs=False)  # scores need no log-probs
+    rank, world = process_group(cfg.runtime)
     results = {}
     try:
         for name, rows in data.items():
             torch.manual_seed(cfg.seed)
-            comps = worker.generate(ids[name], cfg.k, sampling)
+            comps = _sample_share(worker, ids[name], cfg.k, sampling, rank, world)
             results[name] = _score(cfg, comps, rows, prompts[name], reward_set)
             if cfg.benchmarks:
                 console.print(f"eval {name}: " + ", ".join(f"{key}={v:.3f}" for key, v in results[name].items()
@@ -152,6 +157,22 @@ def evaluate(cfg: EvalConfig, model_path: str, console: Console | None = None) -
         if hasattr(worker, "close"):
             worker.close()
     return results if cfg.benchmarks else results[""]
+
+
+def _sample_share(worker, prompt_ids: list[list[int]], k: int, sampling: SamplingParams, rank: int, world: int):
+    """k samples of every prompt, prompt-major: in one process all of them; under torchrun this rank samples its
+    contiguous share (seeded as in one process) and the shares are gathered in rank order on every rank."""
+    lo, hi = rank * len(prompt_ids) // world, (rank + 1) * len(prompt_ids) // world
+    comps = worker.generate(prompt_ids[lo:hi], k, dataclasses.replace(sampling, first_index=lo)) if hi > lo else []
+    for c in comps:
+        c.prompt_index += lo
+    if world == 1:
+        return comps
+    import torch.distributed as dist
+
+    shares = [None] * world
+    dist.all_gather_object(shares, comps)
+    return [c for share in shares for c in share]
 
 
 # ---------------------------------------------------------------- R1-style tables
@@ -231,7 +252,7 @@ def run(cfg: EvalConfig, model_path: str, out_dir: Path, console: Console | None
         (d / "result.json").write_text(json.dumps(metrics, indent=2))
         (d / "result.md").write_text(table)
 
-    rank, world = process_group(cfg.runtime)  # under torchrun every rank samples it all (same seeds); one writes
+    rank, world = process_group(cfg.runtime)  # under torchrun the ranks split the problems (evaluate); one writes
     if rank == 0:
         atomic_dir(out_dir / "eval", write)
     barrier(world)  # no rank returns before the result is in place

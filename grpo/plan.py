@@ -102,7 +102,7 @@ def shapes(path: str, lora=None) -> dict:
 
 def spreads(sec) -> bool:
     """Does runtime.distributed spread this stage's model over the processes? sft, grpo and distill's kd (with
-    mode sft it is an SFT run); reject splits its shards and eval repeats its work, each rank whole."""
+    mode sft it is an SFT run); reject splits its shards and eval its problems, each rank with a whole model."""
     return sec.kind in ("sft", "grpo") or (sec.kind == "distill" and sec.mode in ("kd", "sft"))
 
 

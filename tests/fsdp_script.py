@@ -1,6 +1,7 @@
 """Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2`: the same SFT and GRPO runs under DDP and FSDP2, an
 FSDP2 SFT and GRPO resume, distill kd under DDP and FSDP2, DDP and FSDP2 SFT of r1kit's MoE model, a 2-rank reject,
-LoRA GRPO under DDP and FSDP2 (and its resume and vLLM weight stream), and FSDP2's per-rank parameter counts; the test compares
+LoRA GRPO under DDP and FSDP2 (and its resume and vLLM weight stream), a 2-rank eval, and FSDP2's per-rank
+parameter counts; the test compares
 the checkpoints this writes.
 
 usage: torchrun --nproc_per_node 2 tests/fsdp_script.py BASE_CHECKPOINT OUT_DIR STUDENT_CHECKPOINT MOE_CHECKPOINT
@@ -17,8 +18,8 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from grpo import accel, distill, reject, sft, trainer
-from grpo.config import DistillConfig, RejectConfig, RuntimeConfig, SFTConfig, load_stage
+from grpo import accel, distill, evaluate, reject, sft, trainer
+from grpo.config import DistillConfig, EvalConfig, RejectConfig, RuntimeConfig, SFTConfig, load_stage
 from grpo.logprobs import TokenLogprobs
 from grpo.models import hf
 
@@ -84,6 +85,24 @@ def distill_config(teacher: str, student: str, kind: str) -> DistillConfig:
                          runtime={"distributed": kind})
 
 
+def eval_config() -> EvalConfig:
+    """Two benchmarks of 5 and 3 problems (an uneven split over 2 ranks), 3 samples each, temperature 1."""
+    return EvalConfig.model_validate({
+        "benchmarks": {"arith": {"num_examples": 5, "split": "test"}, "more": {"num_examples": 3, "split": "train"}},
+        "k": 3, "pass_at": [1, 2], "sampling": {"temperature": 1.0, "max_tokens": 16}})
+
+
+def eval_samples(base: str, rank: int, world: int) -> list:
+    """(prompt index, token ids) of eval's k=3 samples of 5 prompts, split over `world` ranks as eval splits them."""
+    from grpo.rollout import SamplingParams, make_worker
+
+    model, tok = hf.load(base)
+    prompts = [[5 + i, 6, 7 + 2 * i] for i in range(5)]
+    comps = evaluate._sample_share(make_worker("native", model, tok, base), prompts, 3,
+                                   SamplingParams(temperature=1.0, max_tokens=12, seed=3), rank, world)
+    return [(c.prompt_index, c.token_ids) for c in comps]
+
+
 def reject_config(base: str) -> RejectConfig:
     """Rejection sampling of `base`: 8 prompts x 4 samples in 4 shards of 2 prompts, keeping completions of about
     20 characters (an untrained model meets that some of the time)."""
@@ -147,6 +166,11 @@ def main(base: str, out: Path, student: str, moe: str) -> None:
         sft.train(sft_config(kind), moe, out / f"sft_moe_{kind}", quiet)
     # rejection sampling: the two ranks share its shards, rank 0 assembles them
     reject.run(reject_config(base), base, out / "reject", quiet)
+    # eval: the two ranks split every benchmark's problems, rank 0 writes
+    evaluate.run(eval_config(), base, out / "eval", quiet)
+    samples = eval_samples(base, rank, dist.get_world_size())
+    if rank == 0:
+        (out / "eval_samples.json").write_text(json.dumps(samples))
     # LoRA GRPO under DDP and FSDP2, an FSDP2 LoRA resume, and the sharded LoRA model's vLLM weight stream
     for kind in ("ddp", "fsdp2"):
         trainer.train(lora_grpo(base, kind), base, out / f"grpo_lora_{kind}", quiet)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from grpo import distill, reject, sft
 from grpo.config import RuntimeConfig
-from tests.fsdp_script import distill_config, reject_config, sft_config
+from tests.fsdp_script import distill_config, eval_config, eval_samples, reject_config, sft_config
 from tests.helpers import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,6 +214,19 @@ def test_fsdp2_matches_ddp_and_one_process(tmp_path):
     shard_dirs = sorted((out / "reject" / "shards").glob("shard-*"))
     sampled_by = [json.loads((d / "stats.json").read_text())["rank"] for d in shard_dirs]
     assert sampled_by == [0, 1, 0, 1]  # round robin: each rank sampled half the shards
+
+    # eval: two ranks, each sampling its share of the problems (seeded as in one process), write one process's bytes
+    from grpo import evaluate
+
+    one_eval = evaluate.run(eval_config(), str(base), tmp_path / "eval_one")
+    two = json.loads((out / "eval" / "eval" / "result.json").read_text())
+    print(f"eval over 2 ranks == one process: {two == json.loads(one_eval.read_text())}; "
+          f"arith mean_length {two['arith']['mean_length']:.2f}, pass@1 {two['arith']['pass@1']:.3f}")
+    assert (out / "eval" / "eval" / "result.json").read_bytes() == one_eval.read_bytes()
+    split = [tuple(x) for x in json.loads((out / "eval_samples.json").read_text())]  # the samples themselves
+    whole = [(i, list(t)) for i, t in eval_samples(str(base), 0, 1)]
+    assert split == whole and len({tuple(t) for _, t in whole}) == len(whole) == 15
+    assert (out / "eval" / "eval" / "result.md").read_bytes() == (tmp_path / "eval_one" / "eval" / "result.md").read_bytes()
 
 
 def test_distributed_config_errors():

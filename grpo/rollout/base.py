@@ -19,6 +19,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings; the matched string is kept in the text
     seed: int | None = None
     logprobs: bool = True
+    # r1kit's own: the index of prompt 0 within a larger call split over processes, so its requests get the seeds
+    # they would have had in that call (sample j of prompt i: request_seed(seed, first_index + i), ...)
+    first_index: int = 0
 
 
 @dataclass

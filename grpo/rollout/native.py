@@ -7,7 +7,8 @@ are compacted out of the batch once a quarter of it is done, so they stop costin
 refilled with new prompts mid-flight (no full continuous batching); the next length bucket starts afterwards.
 
 Sampling is the inverse CDF of the filtered softmax at one uniform per row and step, drawn from a counter-based
-SplitMix64 stream keyed by (request seed, step), so sample j of prompt i (seed `request_seed(sampling.seed, i*n + j)`)
+SplitMix64 stream keyed by (request seed, step), so sample j of prompt i (seed `request_seed(sampling.seed, i*n + j)`,
+i counted from sampling.first_index)
 is the same whatever it was batched with.
 """
 
@@ -221,7 +222,8 @@ class NativeWorker:
         try:
             for start in range(0, len(order), per_chunk):
                 idx = order[start:start + per_chunk]
-                seeds = torch.tensor([request_seed(base, i * n + j) for i in idx for j in range(n)])
+                seeds = torch.tensor([request_seed(base, (sampling.first_index + i) * n + j) for i in idx
+                                      for j in range(n)])
                 comps = self._generate_chunk([prompts[i] for i in idx], n, sampling, seeds)
                 for k, c in enumerate(comps):
                     c.prompt_index = idx[k // n]

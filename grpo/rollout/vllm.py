@@ -355,11 +355,13 @@ class VLLMWorker:
             raise RuntimeError("VLLMWorker is asleep; call wake() before generate()")
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
-        """Sample n completions per prompt, prompt-major. Sample j of prompt i is seeded request_seed(seed, i) + j."""
+        """Sample n completions per prompt, prompt-major. Sample j of prompt i is seeded request_seed(seed, i) + j (i
+        counted from sampling.first_index)."""
         self._check_usable()
         prompts = [fit_prompt(p, sampling.max_tokens, self.max_model_len, self.truncate) for p in prompt_ids]
         # vLLM seeds the n children of a request s, s+1, ...: s = request_seed(seed, i) keeps prompts apart
-        seeds = [None if sampling.seed is None else request_seed(sampling.seed, i) for i in range(len(prompts))]
+        seeds = [None if sampling.seed is None else request_seed(sampling.seed, sampling.first_index + i)
+                 for i in range(len(prompts))]
         requests, mine = self._tp_gather(list(zip(prompts, seeds)))  # TP: each rank's prompts with its seeds
         outs = self._run([p for p, _ in requests], [self._params(sampling, n, s) for _, s in requests])[mine]
         comps = []
