@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from grpo import distill  # noqa: E402
 from grpo.data import load_rows  # noqa: E402
 from grpo.config import DataConfig, DistillConfig  # noqa: E402
-from grpo.logprobs import build_batch  # noqa: E402
+from grpo.logprobs import TokenLogprobs  # noqa: E402
 from grpo.models import hf  # noqa: E402
 from grpo.rollout import SamplingParams, make_worker  # noqa: E402
 from grpo.templates import render  # noqa: E402
@@ -89,7 +89,10 @@ def trl_inputs(seqs, pad_id: int) -> dict:
 
 
 def kd_r1(student, teacher, seqs, pad_id):
-    loss, n = distill.kd_step(student, teacher, seqs, pad_id, distill.divergence("jsd", BETA, 1.0), CHUNK)
+    """r1kit's kd step (its training loop's calls): the mean JSD over the labelled positions, and their count."""
+    total, n = distill.kd_step(distill.KDLoss(student), distill.Hidden(teacher), seqs, pad_id,
+                               distill.divergence("jsd", BETA, 1.0), CHUNK, torch.device("cpu"))
+    loss = total / n
     loss.backward()
     return loss.item(), n
 
@@ -176,8 +179,12 @@ def main():
             student.eval()
             comps = worker.generate(prompt_ids, args.n, SamplingParams(max_tokens=args.max_tokens, seed=step[0]))
             student.train()
-            loss, _ = distill.on_policy_step(student, teacher, build_batch(prompt_ids, comps, pad), cfg)
-            loss.backward()
+            wide = form == "jsd"  # the training loop's modules: KDLoss / Hidden for jsd, TokenLogprobs else
+            total, n, _ = distill.on_policy_step(
+                distill.KDLoss(student) if wide else TokenLogprobs(student),
+                distill.Hidden(teacher) if wide else TokenLogprobs(teacher), prompt_ids, comps, pad,
+                distill.divergence("jsd", BETA, 1.0) if wide else None, cfg, torch.device("cpu"))
+            (total / n).backward()
             return sum(len(c.token_ids) for c in comps)
 
         from transformers import GenerationConfig

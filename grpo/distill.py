@@ -15,8 +15,9 @@ hidden states in chunks of `chunk_size`: per chunk both models' logits [chunk, V
 w.r.t. the student's logits, which is folded into d hidden and d head at once (as Liger's fused losses), so peak
 extra memory is O(chunk_size x V). Token log-probs (the advantage form) go through fused_logprob (grpo/logprobs.py).
 Under torchrun, kd trains data parallel as SFT does (`batch_size` is the global batch, each rank its contiguous
-share, the mean over the global batch's positions); under FSDP2 and ZeRO the teacher is sharded like GRPO's reference.
-Simplifications: on_policy runs in one process; no resume (only the final checkpoint, written atomically); kd batches
+share, the mean over the global batch's positions), and on_policy as GRPO does (`prompts_per_step` is global; each
+rank samples its share with the seeds of one process); under FSDP2 and ZeRO the teacher is sharded like GRPO's
+reference. Simplifications: no resume (only the final checkpoint, written atomically); kd batches
 sample rows with replacement; one optimizer step per batch of samples (the advantage form's ratio is 1); the
 advantage form averages over all tokens of the batch (`bnpo`); on_policy samples with the native engine.
 """
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -36,7 +36,7 @@ from rich.console import Console
 
 from grpo import algo, checkpoint
 from grpo.accel import (active_params, all_sum, autocast, backward, barrier, check_replicas, compile_layers,
-                        describe, distributed, load_frozen, load_trainable, local_elements, make_optimizer,
+                        describe, distributed, for_generation, load_frozen, load_trainable, local_elements, make_optimizer,
                         open_metrics, optimizer_step, prepare_trainable, progress, reshard, seed_everything,
                         shard_frozen, stage_device, to_device)
 from grpo.config import ConfigError, DistillConfig, SFTConfig, stage_runner
@@ -216,28 +216,32 @@ def kd_step(loss: KDLoss, teacher: Hidden, seqs: list[tuple[list[int], int]], pa
 # ---------------------------------------------------------------- on_policy: the student's own samples
 
 
-def on_policy_step(student, teacher, batch: dict, cfg: DistillConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss on one batch of student samples and the sampled per-token reverse KL log p_s - log p_t (a metric)."""
-    T, mask = cfg.sampling.temperature, batch["completion_mask"]
-    rows = slice(None)
+def on_policy_step(loss_mod, teacher, prompts: list[list[int]], comps, pad_id: int, div, cfg: DistillConfig,
+                   dev: torch.device) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """(summed loss over this rank's sampled tokens, their count, {metric: its sum over them}) for the student's
+    samples `comps` of `prompts`. loss_mod: the (wrapped) student side, TokenLogprobs for the advantage form and
+    KDLoss for jsd; teacher: TokenLogprobs or Hidden around the frozen teacher. The reverse KL log p_s - log p_t of
+    the sampled tokens is a metric."""
+    T = cfg.sampling.temperature
     if cfg.on_policy_loss == "advantage":
-        lp, ent = policy_logprobs(TokenLogprobs(student), batch, rows, T)
+        batch = to_device(build_batch(prompts, comps, pad_id), dev)
+        mask = batch["completion_mask"]
+        lp, ent = policy_logprobs(loss_mod, batch, slice(None), T)
         with torch.no_grad():
-            t_lp = policy_logprobs(TokenLogprobs(teacher), batch, rows, T)[0]
+            t_lp = policy_logprobs(teacher, batch, slice(None), T)[0]
         adv = algo.reverse_kl_advantages(lp, t_lp)  # [B, Lc]
-        loss, _ = algo.grpo_loss(lp, lp.detach(), None, adv, mask, loss_type="bnpo")
-        return loss, {"reverse_kl": float(algo.masked_mean(-adv, mask)), "entropy": float(algo.masked_mean(ent, mask))}
-    start, sel = batch["prompt_len"], mask.bool()
-    args = (batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        loss, _ = algo.grpo_loss(lp, lp.detach(), None, adv, mask, loss_type="bnpo")  # this rank's token mean
+        n = int(mask.sum())
+        return loss * n, n, {"reverse_kl": float((-adv * mask).sum()), "entropy": float((ent * mask).sum())}
+    seqs = [(prompts[c.prompt_index] + c.token_ids, len(prompts[c.prompt_index])) for c in comps]
+    ids, attn, pos, sel = kd_batch(seqs, pad_id, dev)
     with torch.no_grad():
-        h_t = final_hidden(teacher, *args)[:, start - 1: -1][sel]  # [N, Ht]: the positions predicting each sample
-    h_s = final_hidden(student, *args)[:, start - 1: -1][sel]  # [N, Hs]
-    w_s, w_t = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
-    total = chunked_divergence(h_s, w_s, h_t, w_t, divergence("jsd", cfg.jsd_beta, T), cfg.chunk_size)
-    with torch.no_grad():
-        targets = batch["completion_ids"][sel]
-        gap = fused_logprob(h_s.detach(), w_s, targets, T)[0] - fused_logprob(h_t, w_t, targets, T)[0]
-    return total / max(h_s.shape[0], 1), {"reverse_kl": float(gap.mean())}
+        h_t, w_t = teacher(ids, attn, pos)
+        h_t = h_t[:, :-1][sel]  # [N, Ht]: the positions predicting each sampled token, rows in comps' order
+        t_lp = fused_logprob(h_t, w_t, ids[:, 1:][sel], T)[0]
+    total = loss_mod(ids, attn, pos, sel, h_t, w_t, div, cfg.chunk_size)
+    sampled = torch.tensor([x for c in comps for x in c.logprobs], device=dev)  # log p_s when the student sampled
+    return total, int(sel.sum()), {"reverse_kl": float((sampled - t_lp).sum())}
 
 
 # ---------------------------------------------------------------- the stage
@@ -245,22 +249,20 @@ def on_policy_step(student, teacher, batch: dict, cfg: DistillConfig) -> tuple[t
 
 def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Console | None = None) -> Path:
     """Run the distill stage; returns the student's final checkpoint directory (out_dir/final). Under torchrun, kd
-    trains data parallel as SFT does (runtime.distributed: DDP, FSDP2 or ZeRO; the teacher sharded too under FSDP2
-    and ZeRO); on_policy runs in one process."""
+    and on_policy train data parallel as SFT and GRPO do (runtime.distributed: DDP, FSDP2 or ZeRO; the teacher
+    sharded too under FSDP2 and ZeRO)."""
     console = console or Console()
     model_path = model_path or cfg.model
     if cfg.mode == "sft":  # sequence-level KD: SFT on the traces, with the shared fields passed through
         shared = {k: getattr(cfg, k) for k in SFTConfig.model_fields if k in DistillConfig.model_fields and k != "kind"}
         return stage_runner("sft")(SFTConfig(**shared), model_path, out_dir, console)
     kd = cfg.mode == "kd"
-    if not kd and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("distill: mode on_policy runs in one process; launch it without torchrun (modes kd and "
-                          "sft train data parallel)")
     seed_everything(cfg.seed)
     rt = cfg.runtime
     trained, teacher, tok = load_pair(cfg, model_path, console)
     student = unwrap(trained)  # what computes (a LoRA adapter runs inside it); `trained` is what steps and saves
-    if kd or cfg.on_policy_loss == "jsd":
+    wide = kd or cfg.on_policy_loss == "jsd"  # a vocabulary-wide divergence (KDLoss, the teacher's Hidden)
+    if wide:
         _need_fused(student, "student", f"mode {cfg.mode} with a vocabulary-wide loss")
         _need_fused(teacher, "teacher", f"mode {cfg.mode} with a vocabulary-wide loss")
     data_cfg = cfg.data.model_copy(update={"completion_column": cfg.data.completion_column or "solution"}) if kd else cfg.data
@@ -268,24 +270,27 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
     n_s, n_t = active_params(student), active_params(teacher)
     opt, sched = make_optimizer(trained, cfg, cfg.steps)
     device = stage_device(rt)
-    rank, world, wrapped = 0, 1, None
     if kd:
         seqs = encode(rows, tok, cfg.template, cfg.max_length, cfg.loss_on)
         div = divergence(cfg.loss, cfg.jsd_beta, cfg.temperature)
-        # the loss module goes to DDP / FSDP2 / ZeRO (its forward is the student's whole loss); the teacher's
-        # forward is its own root unit, sharded alike under FSDP2 and ZeRO
-        wrapped, opt, rank, world = distributed(KDLoss(trained), opt, rt, cfg.max_grad_norm)
-        t_mod = shard_frozen(Hidden(teacher), wrapped, world, device)
-        if cfg.batch_size % world:
-            raise ValueError(f"batch_size={cfg.batch_size} must divide evenly over {world} processes")
-        if world > 1 and rank == 0:
-            held, total = local_elements(t_mod)
-            console.print(f"\\[distill] {describe(wrapped, world)}" + (
-                f"; teacher sharded too: rank 0 holds {held} of {total} elements" if held < total else ""))
     else:
         prompts = [render(cfg.template, r["prompt"], tok, **{k: v for k, v in r.items() if k != "prompt"}) for r in rows]
         prompt_ids = tok(prompts, add_special_tokens=False).input_ids
-        worker = make_worker("native", student, tok, model_path)
+        div = divergence("jsd", cfg.jsd_beta, cfg.sampling.temperature) if wide else None
+    # the student's loss module goes to DDP / FSDP2 / ZeRO (its forward is the student's whole loss); the teacher's
+    # forward is its own root unit, sharded alike under FSDP2 and ZeRO
+    wrapped, opt, rank, world = distributed(KDLoss(trained) if wide else TokenLogprobs(trained), opt, rt,
+                                            cfg.max_grad_norm)
+    t_mod = shard_frozen(Hidden(teacher) if wide else TokenLogprobs(teacher), wrapped, world, device)
+    field, size = ("batch_size", cfg.batch_size) if kd else ("prompts_per_step", cfg.prompts_per_step)
+    if size % world:
+        raise ValueError(f"{field}={size} must divide evenly over {world} processes")
+    if world > 1 and rank == 0:
+        held, total = local_elements(t_mod)
+        console.print(f"\\[distill] {describe(wrapped, world)}" + (
+            f"; teacher sharded too: rank 0 holds {held} of {total} elements" if held < total else ""))
+    if not kd:  # FSDP2 / ZeRO-3: the student samples on its gathered weights (sharded again by sleep())
+        worker = for_generation(make_worker("native", student, tok, model_path), wrapped)
     main = rank == 0
     spent = {"flops": 0.0, "seconds": 0.0}  # compute so far (compute/* metrics), the teacher's forwards included
     rng = random.Random(cfg.seed)
@@ -306,29 +311,34 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
                 extra = {"tokens": int(n), "num_processes": world}
                 step_flops = (2 * n_t + 6 * n_s) * n  # teacher forward, student forward + backward
             else:
-                idx = [rng.randrange(len(rows)) for _ in range(cfg.prompts_per_step)]
+                idx = [rng.randrange(len(rows)) for _ in range(cfg.prompts_per_step)]  # the global batch of prompts
+                lo, hi = rank * len(idx) // world, (rank + 1) * len(idx) // world
+                mine = [prompt_ids[i] for i in idx[lo:hi]]  # this rank's share, seeded as in one process
                 sp = cfg.sampling
                 student.eval()
-                comps = worker.generate([prompt_ids[i] for i in idx], cfg.group_size, SamplingParams(
+                comps = worker.generate(mine, cfg.group_size, SamplingParams(
                     temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, max_tokens=sp.max_tokens,
-                    stop=list(sp.stop), seed=cfg.seed * 1_000_003 + step))
+                    stop=list(sp.stop), seed=cfg.seed * 1_000_003 + step, first_index=lo))
+                worker.sleep()
                 student.train()
-                batch = to_device(build_batch([prompt_ids[i] for i in idx], comps, tok.pad_token_id), device)
                 with autocast(rt):
-                    loss, extra = on_policy_step(student, teacher, batch, cfg)
-                extra.update({"tokens": int(batch["completion_mask"].sum()),
-                              "completions/mean_length": sum(len(c.token_ids) for c in comps) / len(comps)})
-                seq = float(batch["attention_mask"].sum())  # sampling, the teacher's scoring, the student's update
-                step_flops = 2 * n_s * (extra["tokens"] + sum(len(prompt_ids[i]) for i in idx)) + (2 * n_t + 6 * n_s) * seq
+                    total_mine, n_mine, sums = on_policy_step(wrapped, t_mod, mine, comps, tok.pad_token_id, div, cfg,
+                                                              device)
+                n = max(all_sum(float(n_mine), world), 1.0)
+                loss = torch.tensor(all_sum(float(total_mine.detach()), world) / n)  # the global batch's mean
+                extra = {k: all_sum(v, world) / n for k, v in sums.items()}
+                lengths = all_sum(float(sum(len(c.token_ids) for c in comps)), world)
+                extra.update({"tokens": int(n), "num_processes": world,
+                              "completions/mean_length": lengths / (cfg.prompts_per_step * cfg.group_size)})
+                # sampling, the teacher's scoring, the student's update
+                seq = all_sum(float(n_mine + sum(len(p) for p in mine) * cfg.group_size), world)
+                step_flops = 2 * n_s * (n + all_sum(float(sum(map(len, mine))), world)) + (2 * n_t + 6 * n_s) * seq
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"distill step {step + 1}: loss is {loss.item()}")
-            if kd:  # this rank's sum over the global count, x world because the gradient reduction averages ranks
-                backward(wrapped, total_mine / n * world)
-                reshard(t_mod)  # a sharded teacher frees the embedding and head it gathered
-                grad_norm = optimizer_step(trained, opt, sched, cfg.max_grad_norm, wrapped)
-            else:
-                loss.backward()
-                grad_norm = optimizer_step(trained, opt, sched, cfg.max_grad_norm)
+            # this rank's sum over the global count, x world because the gradient reduction averages ranks
+            backward(wrapped, total_mine / n * world)
+            reshard(t_mod)  # a sharded teacher frees the embedding and head it gathered
+            grad_norm = optimizer_step(trained, opt, sched, cfg.max_grad_norm, wrapped)
             m = {"step": step + 1, "loss": loss.item(), **extra, "grad_norm": grad_norm.item(),
                  "learning_rate": sched.get_last_lr()[0], "step_time": time.perf_counter() - t0}
             spent["flops"] += step_flops

@@ -11,7 +11,7 @@ takes the rest of its gpu_memory_utilization share (compared with a step's promp
 tokens), its weights bf16. With --gpus N (one process per GPU) the parts the stage's runtime.distributed shards
 are divided by N: FSDP2 the weights, gradients, moments and GRPO reference, plus the units gathered in flight (the
 root: embedding, norm, head; one layer); ZeRO-2 the gradients, moments and reference; ZeRO-3 the weights too; DDP
-(auto) and the stages that keep a whole model per rank (reject, eval, distill on_policy) nothing; distill's teacher
+(auto) and the stages that keep a whole model per rank (reject, eval) nothing; distill's teacher
 is sharded as the reference is. vLLM's weights are divided by its tensor-parallel
 size (the KV cache's bytes per token are counted whole: a lower bound on its tokens under tensor parallelism).
 """
@@ -101,9 +101,9 @@ def shapes(path: str, lora=None) -> dict:
 
 
 def spreads(sec) -> bool:
-    """Does runtime.distributed spread this stage's model over the processes? sft, grpo and distill's kd (with
-    mode sft it is an SFT run); reject splits its shards and eval its problems, each rank with a whole model."""
-    return sec.kind in ("sft", "grpo") or (sec.kind == "distill" and sec.mode in ("kd", "sft"))
+    """Does runtime.distributed spread this stage's model over the processes? sft, grpo and distill (with mode sft
+    it is an SFT run); reject splits its shards and eval its problems, each rank with a whole model."""
+    return sec.kind in ("sft", "grpo", "distill")
 
 
 def memory_plan(sec, model: str, gpu_gib: float = 80.0, gpus: int = 1) -> list[tuple[str, float]]:
@@ -237,11 +237,12 @@ def _shrunk(sec, models: dict[str, str], device: str = "cpu"):
 def check_split(name: str, sec, gpus: int) -> None:
     """The batch fields a run over `gpus` processes splits must divide evenly (the stages' own checks, made before
     any GPU is taken): GRPO's prompts_per_step and vLLM tensor-parallel size, SFT's batch_size."""
-    for field in ("prompts_per_step", "batch_size"):
+    fields = ("prompts_per_step", "batch_size")
+    if sec.kind == "distill":  # kd splits its batch, on_policy its prompts
+        fields = ("prompts_per_step",) if sec.mode == "on_policy" else ("batch_size",)
+    for field in fields:
         if spreads(sec) and hasattr(sec, field) and getattr(sec, field) % gpus:
             raise ConfigError(f"{name}.{field}={getattr(sec, field)} must divide evenly over --gpus {gpus}")
-    if sec.kind == "distill" and sec.mode == "on_policy" and gpus > 1:
-        raise ConfigError(f"{name}: distill mode on_policy runs in one process; plan it with --gpus 1")
     tp = getattr(sec, "vllm_tensor_parallel_size", 1)
     if sec.kind == "grpo" and gpus % tp:
         raise ConfigError(f"{name}.vllm_tensor_parallel_size={tp} must divide --gpus {gpus}")

@@ -1,5 +1,5 @@
 """Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2`: the same SFT and GRPO runs under DDP and FSDP2, an
-FSDP2 SFT and GRPO resume, distill kd under DDP and FSDP2, DDP and FSDP2 SFT of r1kit's MoE model, a 2-rank reject,
+FSDP2 SFT and GRPO resume, distill kd and on_policy under DDP and FSDP2, DDP and FSDP2 SFT of r1kit's MoE model, a 2-rank reject,
 LoRA GRPO under DDP and FSDP2 (and its resume and vLLM weight stream), a 2-rank eval, and FSDP2's per-rank
 parameter counts; the test compares
 the checkpoints this writes.
@@ -85,6 +85,15 @@ def distill_config(teacher: str, student: str, kind: str) -> DistillConfig:
                          runtime={"distributed": kind})
 
 
+def on_policy_config(teacher: str, student: str, kind: str, loss: str) -> DistillConfig:
+    """on_policy distillation (`loss`: advantage or jsd) from `teacher` into `student`: 4 prompts x 2 samples of up
+    to 12 tokens a step (2 prompts per rank), 3 steps, under `kind`."""
+    return DistillConfig(mode="on_policy", on_policy_loss=loss, teacher=teacher, model=student, steps=3,
+                         prompts_per_step=4, group_size=2, sampling={"temperature": 1.0, "max_tokens": 12},
+                         learning_rate=1e-3, chunk_size=64, data={"source": "synthetic:arith", "num_examples": 16},
+                         runtime={"distributed": kind})
+
+
 def eval_config() -> EvalConfig:
     """Two benchmarks of 5 and 3 problems (an uneven split over 2 ranks), 3 samples each, temperature 1."""
     return EvalConfig.model_validate({
@@ -161,6 +170,10 @@ def main(base: str, out: Path, student: str, moe: str) -> None:
     # distill kd from the base into a smaller student, under DDP and FSDP2 (the teacher sharded too)
     distill.train(distill_config(base, student, "ddp"), student, out / "distill_ddp", quiet)
     logged(distill.train, distill_config(base, student, "fsdp2"), student, out / "distill_fsdp2")
+    # on_policy distillation (both losses) under DDP and FSDP2: each rank samples its share of the prompts
+    for loss in ("advantage", "jsd"):
+        for kind in ("ddp", "fsdp2"):
+            distill.train(on_policy_config(base, student, kind, loss), student, out / f"on_policy_{loss}_{kind}", quiet)
     # r1kit's DeepSeek MoE model under DDP: its expert-bias update must use the global batch's token loads
     for kind in ("ddp", "fsdp2"):
         sft.train(sft_config(kind), moe, out / f"sft_moe_{kind}", quiet)

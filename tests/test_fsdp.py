@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from grpo import distill, reject, sft
 from grpo.config import RuntimeConfig
-from tests.fsdp_script import distill_config, eval_config, eval_samples, reject_config, sft_config
+from tests.fsdp_script import (distill_config, eval_config, eval_samples, on_policy_config, reject_config,
+                               sft_config)
 from tests.helpers import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +170,24 @@ def test_fsdp2_matches_ddp_and_one_process(tmp_path):
     for a, b in zip(d_logs["fsdp2"], d_logs["one"], strict=True):  # the global mean, over every rank's positions
         assert a["num_processes"] == 2 and a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) <= RTOL * b["loss"]
         assert abs(a["grad_norm"] - b["grad_norm"]) <= RTOL * b["grad_norm"]  # Adam hides a mis-scaled gradient
+
+    # distill on_policy, both losses: 2-rank DDP == FSDP2 == one process (each rank samples its 2 of the 4 prompts
+    # with one process's seeds, so the samples are the same; the loss is the global token mean)
+    for loss in ("advantage", "jsd"):
+        one = distill.train(on_policy_config(str(base), str(student), "auto", loss), str(student),
+                            tmp_path / f"on_policy_{loss}_one")
+        o = {"one": weights(one), **{k: weights(out / f"on_policy_{loss}_{k}" / "final") for k in ("ddp", "fsdp2")}}
+        o_diffs = {f"{k} vs one": max_rel(o[k], o["one"]) for k in ("ddp", "fsdp2")}
+        o_moved = max_rel(o["one"], weights(student))
+        logs = {k: [json.loads(l) for l in (root / "metrics.jsonl").read_text().splitlines()]
+                for k, root in (("one", tmp_path / f"on_policy_{loss}_one"), ("fsdp2", out / f"on_policy_{loss}_fsdp2"))}
+        print(f"distill on_policy {loss}: max rel diff {o_diffs}; weights moved by {o_moved:.3g} (rel)")
+        assert o_moved > 1000 * RTOL and all(v < RTOL for v in o_diffs.values()), o_diffs
+        for a, b in zip(logs["fsdp2"], logs["one"], strict=True):
+            assert a["num_processes"] == 2 and a["tokens"] == b["tokens"]
+            assert a["completions/mean_length"] == b["completions/mean_length"]
+            assert abs(a["loss"] - b["loss"]) <= RTOL * abs(b["loss"]) + 1e-7
+            assert abs(a["reverse_kl"] - b["reverse_kl"]) <= 1e-5 * (1 + abs(b["reverse_kl"]))
 
     # DeepSeek MoE under DDP == one process, router biases included: the bias update counts the real (unpadded)
     # tokens of the global batch (each rank pads its own share differently; the loads are summed over ranks)
