@@ -58,7 +58,7 @@ def test_stage_commands_run_as_written(tmp_path):
         "r1 report runs/r1-zero-tiny",
         "r1 rewards list",
         "r1 rewards score --reward accuracy,format --data completions.jsonl",
-        "r1 serve MODEL",
+        "r1 serve MODEL [--tensor-parallel-size N]",
     ], "the README's stage block changed: update this test to run the new commands"
 
     # r1 run r1-zero-tiny: every stage, the table and the summary line
@@ -109,9 +109,10 @@ def test_stage_commands_run_as_written(tmp_path):
     p = _r1(tmp_path, "rewards", "score", "--reward", "accuracy,format", "--data", "completions.jsonl")
     assert "accuracy" in p.stdout and "format" in p.stdout and "0.5" in p.stdout
 
-    # r1 serve MODEL: the real server runs in tests/test_rollout_server.py; here its command line answers
+    # r1 serve MODEL [--tensor-parallel-size N]: the real server (one process and tensor parallel) runs in
+    # tests/test_rollout_server.py; here its command line answers
     p = _r1(tmp_path, "serve", "--help")
-    assert "MODEL" in p.stdout or "model" in p.stdout
+    assert ("MODEL" in p.stdout or "model" in p.stdout) and "--tensor-parallel-size" in p.stdout
 
     # The R1 stages, with the stage files the README shows (written here as it gives them)
     assert _block("## The R1 stages") == [
