@@ -367,8 +367,8 @@ class VLLMServerWorker:
 class SharedServer:
     """One `r1 serve` process for every torchrun rank of a trainer, as TRL's server mode: rank 0 holds the only
     connection; the ranks' requests travel to it (gloo object collectives on the default group) and each rank gets
-    its own completions back. Every rank walks the weight stream (FSDP2 gathers each tensor collectively); rank 0
-    broadcasts it to the server."""
+    its own completions back. Under FSDP2 and ZeRO-3 every rank walks the weight stream (each tensor is gathered
+    collectively); rank 0 broadcasts it to the server."""
 
     def __init__(self, client: VLLMServerWorker | None, world: int):
         self.client, self.world = client, world  # client: rank 0's connection, None on the other ranks
@@ -401,7 +401,7 @@ class SharedServer:
     def update_weights(self, policy) -> None:
         if self.client is not None:
             self.client.update_weights(policy)
-        else:  # the FSDP2 gathers of rank 0's stream are collectives: join each of them, send nothing
+        elif _sharded(policy):  # the FSDP2 / ZeRO-3 gathers of rank 0's stream are collectives: join each of them
             for _ in sync_tensors(policy):
                 pass
         self.last_sync_s, self.last_sync_mb_s, self.last_sync_bytes = self._on_rank0(
@@ -416,6 +416,12 @@ class SharedServer:
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
+
+
+def _sharded(policy) -> bool:
+    """Whether `policy`'s weight stream gathers (FSDP2 DTensors, ZeRO-3 partitions); DDP's ranks hold it whole."""
+    return isinstance(policy, torch.nn.Module) and any(hasattr(p, "full_tensor") or hasattr(p, "ds_id")
+                                                       for p in policy.parameters())
 
 
 def connect(cfg, world: int = 1, rank: int = 0):
