@@ -138,9 +138,10 @@ def _merged_peft(policy) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _delta(mod, adapter: str) -> torch.Tensor:
-    """LoRA layer `mod`'s weight delta for `adapter`, whole: under ZeRO-3 computed inside a gather of the layer's
-    partitions, under FSDP2 from the DTensor shards (DTensor runs the product) and then gathered."""
-    parts = [p for p in mod.parameters() if hasattr(p, "ds_id")]
+    """LoRA layer `mod`'s weight delta for `adapter`, whole: under ZeRO-3 computed inside a gather of the adapter's
+    partitions (the delta reads only those; the base weight was gathered on its own), under FSDP2 from the DTensor
+    shards (DTensor runs the product) and then gathered."""
+    parts = [p for n, p in mod.named_parameters() if "lora_" in n and hasattr(p, "ds_id")]
     if parts:
         import deepspeed
 
