@@ -178,6 +178,45 @@ def test_bf16_autocast_loss_matches_fp32_within_bf16_rounding(base):
     assert l16.item() != l32.item()  # autocast did run the matmuls in bf16
 
 
+def test_bf16_autocast_gradients_through_the_fused_head_match_fp32_and_every_stage_trains(base, tmp_path):
+    """mixed_precision: bf16 (the GPU recipes' setting) in backward: the gradients of the policy log-probs (through
+    fused_logprob, whose backward runs inside GRPO's autocast region) against fp32, bounded as the loss test is, by
+    fp32's own error against float64 scaled to bf16's unit roundoff, 2 sides x 4, in norm; then one step of SFT,
+    GRPO and distill under it, whose weights stay fp32."""
+    import copy
+
+    model, tok = hf.load(str(base))
+    batch = _batch(tok)
+
+    def grads(m, bf16=False):
+        m = copy.deepcopy(m)
+        with accel.autocast(RuntimeConfig(mixed_precision="bf16" if bf16 else "no")):
+            lp = _logp(m, batch)
+            (lp.sum() / lp.numel()).backward()  # inside the region, as trainer.backward_batch calls it
+        return torch.cat([p.grad.flatten().double() for p in m.parameters()])
+
+    g32, g64, g16 = grads(model), grads(model.double()), grads(model.float(), bf16=True)
+    err = lambda g: ((g - g64).norm() / g64.norm()).item()  # noqa: E731
+    floor = max(err(g32), unit_roundoff(torch.float32))
+    tol = 2 * 4 * floor * unit_roundoff(torch.bfloat16) / unit_roundoff(torch.float32)
+    print(f"\ngradient rel error vs float64: fp32 {err(g32):.2e}, bf16 autocast {err(g16):.2e}, bound {tol:.2e}")
+    assert 0 < err(g16) <= tol and not torch.equal(g16, g32.double())
+
+    rt = {"mixed_precision": "bf16"}
+    final = sft.train(SFTConfig.model_validate({"data": {"num_examples": 16}, "steps": 1, "batch_size": 4,
+                                                "runtime": rt}), str(base), tmp_path / "sft")
+    trainer.train(_grpo(steps=1, runtime=rt), str(base), tmp_path / "grpo")
+    distill.train(DistillConfig.model_validate({"mode": "on_policy", "teacher": str(base), "steps": 1, "runtime": rt,
+                                                "data": {"num_examples": 8}, "prompts_per_step": 2,
+                                                "group_size": 2, "sampling": {"max_tokens": 8}}),
+                  str(base), tmp_path / "distill")
+    for stage in ("sft", "grpo", "distill"):
+        row = json.loads((tmp_path / stage / "metrics.jsonl").read_text().splitlines()[-1])
+        assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]), (stage, row)
+    trained = AutoModelForCausalLM.from_pretrained(final)
+    assert all(p.dtype == torch.float32 for p in trained.parameters())
+
+
 def test_bf16_reference_grpo_runs_and_its_kl_is_finite(base, tmp_path):
     """GRPO with the frozen reference in bf16 while the policy trains in fp32 (reference_dtype)."""
     trainer.train(_grpo(steps=1, runtime={"reference_dtype": "bfloat16"}), str(base), tmp_path / "run")

@@ -140,10 +140,14 @@ def _bwd_chunk_triton(z, targets, v0, inv_temp, lse, ez, g_logp, g_ent):
 
 
 class _FusedLogprob(torch.autograd.Function):
-    """Saves hidden, weight, targets and two fp32 row stats (lse, E_p[z]); recomputes logits chunk by chunk."""
+    """Saves hidden, weight, targets and two fp32 row stats (lse, E_p[z]); recomputes logits chunk by chunk. The
+    chunk GEMMs run in `dtype` (fused_logprob picks it) with autocast off, in forward and backward alike, and the
+    gradients come back in the inputs' own dtypes."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, use_triton):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, use_triton, dtype):
+        ctx.in_dtypes = hidden.dtype, weight.dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)  # [N, H], [V, H]
         N, V = hidden.shape[0], weight.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
         m = torch.full((N,), float("-inf"), **f32)
@@ -173,24 +177,34 @@ class _FusedLogprob(torch.autograd.Function):
         bwd_chunk = _bwd_chunk_triton if ctx.use_triton else _bwd_chunk_torch
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        dw = torch.empty_like(weight) if need_w else None
-        for v0 in range(0, V, C):
-            w_c = weight[v0 : v0 + C]  # [C, H]
-            dz = bwd_chunk(hidden @ w_c.T, targets, v0, ctx.inv_temp, lse, ez, g_logp, g_ent)  # [N, C]
-            if need_h:
-                dh += (dz @ w_c).float()  # 'nc,ch->nh', accumulated over chunks in fp32
-            if need_w:
-                torch.mm(dz.T, hidden, out=dw[v0 : v0 + C])  # 'nc,nh->ch'
-        return (dh.to(hidden.dtype) if need_h else None), dw, None, None, None, None
+        dw = torch.empty(weight.shape, dtype=ctx.in_dtypes[1], device=weight.device) if need_w else None
+        # a backward run inside autocast (GRPO's loss.backward() under mixed_precision) would recast the GEMMs
+        with torch.autocast(hidden.device.type, enabled=False):
+            for v0 in range(0, V, C):
+                w_c = weight[v0 : v0 + C]  # [C, H]
+                dz = bwd_chunk(hidden @ w_c.T, targets, v0, ctx.inv_temp, lse, ez, g_logp, g_ent)  # [N, C]
+                if need_h:
+                    dh += (dz @ w_c).float()  # 'nc,ch->nh', accumulated over chunks in fp32
+                if need_w:
+                    if dw.dtype == dz.dtype:
+                        torch.mm(dz.T, hidden, out=dw[v0 : v0 + C])  # 'nc,nh->ch'
+                    else:
+                        dw[v0 : v0 + C] = dz.T @ hidden
+        return (dh.to(ctx.in_dtypes[0]) if need_h else None), dw, None, None, None, None, None
 
 
 def fused_logprob(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 4096, *,
                   impl: str | None = None):
     """hidden[N,H], weight[V,H] (LM head), targets[N] int64 -> (logp[N], entropy[N]), both fp32 and
-    differentiable, streamed over vocab chunks. impl: None (Triton on CUDA, torch elsewhere), "triton", "torch"."""
+    differentiable, streamed over vocab chunks. impl: None (Triton on CUDA, torch elsewhere), "triton", "torch".
+    The head GEMMs run in autocast's dtype inside an autocast region (as nn.Linear would), else in the inputs'."""
     if impl is None:
         impl = "triton" if (hidden.is_cuda and triton is not None) else "torch"
     if impl not in ("triton", "torch"):
         raise ValueError(f"unknown fused_logprob impl {impl!r}")
-    return _FusedLogprob.apply(hidden, weight, targets.contiguous(), float(temperature), int(chunk_size),
-                               impl == "triton")
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
+        else torch.promote_types(hidden.dtype, weight.dtype)
+    with torch.autocast(device, enabled=False):
+        return _FusedLogprob.apply(hidden, weight, targets.contiguous(), float(temperature), int(chunk_size),
+                                   impl == "triton", dtype)
