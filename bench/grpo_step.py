@@ -1,11 +1,14 @@
 """One GRPO step, r1kit against TRL's GRPOTrainer, in one run on the same inputs: the same tiny Qwen2 (built from a
 config, random init, a BPE tokenizer trained here), the same addition prompts, G samples per prompt, completion
 length, beta, learning rate and reward function. Both sample with plain torch on the CPU (r1kit's native engine,
-TRL's transformers generate). Prints each side's seconds per step and completion tokens/s over the timed steps,
-r1kit's phase breakdown (generate / weight sync / rest: rewards, reference and policy log-probs, backward, step)
-with the update's share of the measured fp32 matmul peak, and the r1kit/TRL ratio last.
+TRL's transformers generate). Precision: each side at its best on this CPU. r1kit runs its `auto` runtime
+(bf16 autocast, reference and sampler copy where the CPU has bf16 units, else fp32); TRL runs fp32 and, on such
+a CPU, also its own bf16=True (autocast), and the faster of the two is the one compared. Prints each run's seconds
+per step and completion tokens/s over the timed steps, r1kit's phases (generate / reference / update / weight
+sync) with the update's share of the measured matmul peak, and the r1kit/TRL ratio last.
 
     python bench/grpo_step.py [--steps 10] [--warmup 2] [--prompts 8] [--group 8] [--max-tokens 128] [--beta 0.04]
+                              [--precision auto|fp32]
 """
 
 from __future__ import annotations
@@ -68,13 +71,16 @@ def run_r1kit(path, rows, args, out_dir) -> list[dict]:
                      rollout="native", group_size=args.group, prompts_per_step=args.prompts,
                      steps=args.warmup + args.steps, sampling={"temperature": 1.0, "max_tokens": args.max_tokens},
                      beta=args.beta, learning_rate=1e-5, micro_batch_size=args.prompts * args.group, loss_type="grpo",
-                     rewards=[{"name": f"{os.path.abspath(__file__)}:reward_len"}], save_every=0)
+                     rewards=[{"name": f"{os.path.abspath(__file__)}:reward_len"}], save_every=0,
+                     runtime={"mixed_precision": args.precision, "reference_dtype": args.precision,
+                              "sampler_dtype": args.precision} if args.precision == "auto" else {})
     trainer.train(cfg, path, Path(out_dir) / "r1kit")
     return [json.loads(line) for line in open(os.path.join(out_dir, "r1kit", "metrics.jsonl"))]
 
 
-def run_trl(path, rows, args, out_dir) -> list[tuple[float, float]]:
-    """TRL's GRPOTrainer on the same model, prompts and settings; returns (seconds, completion tokens) per step."""
+def run_trl(path, rows, args, out_dir, bf16: bool) -> list[tuple[float, float]]:
+    """TRL's GRPOTrainer on the same model, prompts and settings, fp32 or bf16=True (autocast); returns (seconds,
+    completion tokens) per step."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -94,14 +100,15 @@ def run_trl(path, rows, args, out_dir) -> list[tuple[float, float]]:
             if logs and "completions/mean_length" in logs and steps:
                 steps[-1][1] = logs["completions/mean_length"] * args.prompts * args.group
 
-    cfg = GRPOConfig(output_dir=os.path.join(out_dir, "trl"), per_device_train_batch_size=args.prompts * args.group,
+    cfg = GRPOConfig(output_dir=os.path.join(out_dir, f"trl{bf16:d}"), per_device_train_batch_size=args.prompts * args.group,
                      num_generations=args.group, max_completion_length=args.max_tokens, beta=args.beta,
                      learning_rate=1e-5, max_steps=args.warmup + args.steps, logging_steps=1, report_to="none",
                      use_cpu=True, save_strategy="no", temperature=1.0, loss_type="grpo", scale_rewards="group",
                      shuffle_dataset=False, disable_dropout=True, dataloader_num_workers=0, seed=0,
                      # TRL 1.16 defaults to bf16=True and gradient_checkpointing=True; on a CPU without bf16 units
-                     # that emulates every GEMM (68 s a step here). r1kit trains fp32 without checkpointing, so TRL does too.
-                     bf16=False, gradient_checkpointing=False)
+                     # bf16 emulates every GEMM (68 s a step on Zen1), so it runs only where the CPU has bf16 units.
+                     # r1kit does not checkpoint, so TRL does not either (it would recompute the forward)
+                     bf16=bf16, gradient_checkpointing=False)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=cfg, processing_class=tok,
                           train_dataset=Dataset.from_list(rows * (args.warmup + args.steps)), callbacks=[Clock()])
@@ -109,9 +116,9 @@ def run_trl(path, rows, args, out_dir) -> list[tuple[float, float]]:
     return [tuple(s) for s in steps]
 
 
-def matmul_peak(n: int = 1024, reps: int = 5) -> float:
-    """Best fp32 GFLOP/s of one [2n, n] @ [n, n] GEMM on this machine now."""
-    a, b = torch.randn(2 * n, n), torch.randn(n, n)
+def matmul_peak(n: int = 1024, reps: int = 5, dtype=torch.float32) -> float:
+    """Best GFLOP/s of one [2n, n] @ [n, n] GEMM in `dtype` on this machine now."""
+    a, b = torch.randn(2 * n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -130,7 +137,12 @@ def main():
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--precision", choices=["auto", "fp32"], default="auto",
+                    help="auto: each side's bf16 too where this CPU has bf16 units; fp32: both fp32 only")
     args = ap.parse_args()
+    from grpo.accel import native_bf16
+
+    bf16 = args.precision == "auto" and native_bf16(torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model")
         n_params = build(path, args.hidden, args.layers, 1024)
@@ -139,28 +151,35 @@ def main():
         rows = prompts(args.prompts)
         print(f"tiny Qwen2 {n_params / 1e6:.2f}M params (hidden {args.hidden}, {args.layers} layers), "
               f"{args.prompts} prompts x G={args.group} x {args.max_tokens} new tokens, beta {args.beta}, "
-              f"{args.warmup} untimed + {args.steps} timed steps, torch threads {torch.get_num_threads()}")
-        peak = matmul_peak()
+              f"{args.warmup} untimed + {args.steps} timed steps, torch threads {torch.get_num_threads()}, "
+              f"bf16 units: {'yes' if native_bf16(torch.device('cpu')) else 'no'}")
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        peak = matmul_peak(dtype=dtype)
         r1 = run_r1kit(path, rows, args, tmp)[args.warmup:]
-        trl = run_trl(path, rows, args, tmp)[args.warmup:]
-        peak = max(peak, matmul_peak())
+        trls = {name: run_trl(path, rows, args, tmp, on)[args.warmup:]
+                for name, on in [("fp32", False)] + [("bf16", True)] * bf16}
+        peak = max(peak, matmul_peak(dtype=dtype))
     B = args.prompts * args.group
-    r1_s = sum(m["time/step"] for m in r1) / len(r1)
+    mean = lambda k: sum(m[k] for m in r1) / len(r1)  # noqa: E731
+    r1_s = mean("time/step")
     r1_tok = sum(m["completions/mean_length"] * B for m in r1) / sum(m["time/step"] for m in r1)
-    trl_s = sum(s for s, _ in trl) / len(trl)
-    trl_tok = sum(t for _, t in trl) / sum(s for s, _ in trl)
-    gen = sum(m["time/generate"] for m in r1) / len(r1)
-    sync = sum(m["time/weight_sync"] for m in r1) / len(r1)
-    rest = r1_s - gen - sync
+    gen, ref, update, sync = mean("time/generate"), mean("time/ref"), mean("time/update"), mean("time/weight_sync")
     tokens = sum((m["completions/mean_length"] + 10) * B for m in r1) / len(r1)  # prompt ~10 tokens
-    update_flops = (6 + 2 * (args.beta > 0)) * n_params * tokens  # policy fwd+bwd, reference fwd
-    print(f"fp32 matmul peak (best of before and after): {peak:.0f} GFLOP/s")
-    print(f"TRL GRPOTrainer: {trl_s:6.2f} s/step, {trl_tok:7.0f} completion tokens/s")
-    print(f"r1kit (native):  {r1_s:6.2f} s/step, {r1_tok:7.0f} completion tokens/s")
-    print(f"r1kit phases per step: generate {gen:.2f} s, weight sync {sync:.3f} s, rest (rewards, log-probs, update) "
-          f"{rest:.2f} s = {update_flops / 1e9:.0f} GFLOP at {update_flops / rest / 1e9:.0f} GFLOP/s "
-          f"({100 * update_flops / rest / 1e9 / peak:.0f}% of peak)")
-    print(f"r1kit/trl completion tokens/s: {r1_tok / trl_tok:.2f}x")
+    update_flops = 6 * n_params * tokens  # policy forward + backward
+    ref_flops = 2 * n_params * tokens * (args.beta > 0)
+    print(f"{'bf16' if bf16 else 'fp32'} matmul peak (best of before and after): {peak:.0f} GFLOP/s")
+    trl_tok = {}
+    for name, trl in trls.items():
+        trl_s = sum(s for s, _ in trl) / len(trl)
+        trl_tok[name] = sum(t for _, t in trl) / sum(s for s, _ in trl)
+        print(f"TRL GRPOTrainer ({name}): {trl_s:6.2f} s/step, {trl_tok[name]:7.0f} completion tokens/s")
+    print(f"r1kit (native, {args.precision}): {r1_s:6.2f} s/step, {r1_tok:7.0f} completion tokens/s")
+    print(f"r1kit phases per step: generate {gen:.2f} s, reference {ref:.2f} s ({ref_flops / 1e9:.0f} GFLOP, "
+          f"{100 * ref_flops / max(ref, 1e-9) / 1e9 / peak:.0f}% of peak), update {update:.2f} s "
+          f"({update_flops / 1e9:.0f} GFLOP, {100 * update_flops / update / 1e9 / peak:.0f}% of peak), "
+          f"weight sync {sync:.3f} s")
+    best = max(trl_tok, key=trl_tok.get)
+    print(f"r1kit/trl completion tokens/s (TRL's faster run, {best}): {r1_tok / trl_tok[best]:.2f}x")
 
 
 if __name__ == "__main__":

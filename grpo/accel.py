@@ -58,9 +58,27 @@ def stage_device(rt: RuntimeConfig) -> torch.device:
     return dev
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 GEMMs run on the hardware: a CUDA GPU that has them, a CPU with AVX512-BF16 or AMX tiles
+    (elsewhere oneDNN emulates bf16, slower than fp32). What the runtime section's `auto` choices ask."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def frozen_dtype(rt: RuntimeConfig) -> torch.dtype:
-    """dtype of a frozen reference or teacher: reference_dtype, or the trained weights' dtype for `same`."""
+    """dtype of a frozen reference or teacher: reference_dtype, or the trained weights' dtype for `same` (and for
+    `auto` where bf16 does not run natively)."""
+    if rt.reference_dtype == "auto":
+        return torch.bfloat16 if native_bf16(stage_device(rt)) else DTYPES[rt.dtype]
     return DTYPES[rt.dtype if rt.reference_dtype == "same" else rt.reference_dtype]
+
+
+def sampler_dtype(rt: RuntimeConfig) -> torch.dtype | None:
+    """dtype of the native sampler's own weight copy, or None: it samples with the trained weights in place."""
+    if rt.sampler_dtype == "same" or (rt.sampler_dtype == "auto" and not native_bf16(stage_device(rt))):
+        return None
+    return None if DTYPES[rt.dtype] == torch.bfloat16 else torch.bfloat16
 
 
 def load_frozen(path: str, rt: RuntimeConfig):
@@ -138,8 +156,9 @@ def adapter_disabled(model):
 
 
 def autocast(rt: RuntimeConfig):
-    """bf16 autocast over a forward pass when runtime.mixed_precision is bf16 (weights stay in their dtype)."""
-    if rt.mixed_precision == "no":
+    """bf16 autocast over a forward pass when runtime.mixed_precision is bf16, or `auto` where bf16 runs natively
+    (weights stay in their dtype)."""
+    if rt.mixed_precision == "no" or (rt.mixed_precision == "auto" and not native_bf16(stage_device(rt))):
         return contextlib.nullcontext()
     return torch.autocast(stage_device(rt).type, dtype=torch.bfloat16)
 

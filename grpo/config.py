@@ -99,8 +99,14 @@ class RuntimeConfig(Strict):
 
     device: str = "auto"  # auto: this rank's CUDA device when there is one, else cpu; or cpu, cuda, cuda:N
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the trained (or sampled) model's weights
-    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast of the forward passes over `dtype` weights
-    reference_dtype: Literal["same", "float32", "bfloat16", "float16"] = "same"  # the frozen reference / teacher
+    # `auto` below: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or
+    # AMX), else the fp32 choice; a CPU without bf16 units emulates it, slower than fp32 (docs/runtime.md)
+    mixed_precision: Literal["no", "bf16", "auto"] = "no"  # bf16 autocast of the forward passes over `dtype` weights
+    reference_dtype: Literal["same", "float32", "bfloat16", "float16", "auto"] = "same"  # the frozen reference / teacher
+    # the native sampler's weights: `same` samples with the trained weights themselves (zero-copy); bfloat16 keeps a
+    # bf16 copy, refreshed after every update, as vLLM's engine holds its own (its behaviour log-probs then differ
+    # from the trainer's by bf16 rounding: rollout/logprob_abs_diff, and `tis` corrects for it)
+    sampler_dtype: Literal["same", "bfloat16", "auto"] = "same"
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
     # torch.compile each decoder layer (dynamic shapes) of the trained model and its frozen reference / teacher, for
     # the training forward passes of sft, grpo and distill; samplers run the layers eagerly. Pays on GPUs; on CPU at
@@ -125,6 +131,10 @@ class RuntimeConfig(Strict):
     def _sharded_compile(self):
         if self.compile and self.distributed in ("fsdp2", "deepspeed"):
             raise ValueError(f"runtime.compile: not supported with distributed: {self.distributed} (use ddp)")
+        if self.sampler_dtype != "same" and (self.lora is not None or self.distributed in ("fsdp2", "deepspeed")):
+            what = "lora" if self.lora is not None else f"distributed: {self.distributed}"
+            raise ValueError(f"runtime.sampler_dtype: {self.sampler_dtype} is not supported with {what} (its sampler "
+                             f"reads the sharded or adapted weights in place; use same)")
         return self
 
     @field_validator("device")
@@ -275,6 +285,8 @@ class GRPOConfig(OptimFields):
             raise ValueError("ref_reset_every with runtime.lora: the reference is the adapter-free base model")
         if self.routing_replay and self.rollout != "native":
             raise ValueError("routing_replay needs rollout: native (the vLLM worker does not return routed experts)")
+        if self.runtime.sampler_dtype == "bfloat16" and self.rollout != "native":
+            raise ValueError("runtime.sampler_dtype is the native sampler's (a vLLM engine has its own dtype)")
         if self.vllm_tensor_parallel_size > 1 and self.rollout != "vllm":
             raise ValueError("vllm_tensor_parallel_size needs rollout: vllm")
         if self.vllm_tensor_parallel_size > 1 and self.dynamic_sampling:  # ranks may draw different numbers of times

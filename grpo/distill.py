@@ -37,8 +37,8 @@ from rich.console import Console
 from grpo import algo, checkpoint
 from grpo.accel import (active_params, all_sum, autocast, backward, barrier, check_replicas, compile_layers,
                         describe, distributed, for_generation, load_frozen, load_trainable, local_elements, make_optimizer,
-                        open_metrics, optimizer_step, prepare_trainable, progress, reshard, seed_everything,
-                        shard_frozen, stage_device, to_device)
+                        open_metrics, optimizer_step, prepare_trainable, progress, reshard, sampler_dtype,
+                        seed_everything, shard_frozen, stage_device, to_device)
 from grpo.config import ConfigError, DistillConfig, SFTConfig, stage_runner
 from grpo.data import load_rows
 from grpo.kernels.logprob import fused_logprob
@@ -290,7 +290,8 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
         console.print(f"\\[distill] {describe(wrapped, world)}" + (
             f"; teacher sharded too: rank 0 holds {held} of {total} elements" if held < total else ""))
     if not kd:  # FSDP2 / ZeRO-3: the student samples on its gathered weights (sharded again by sleep())
-        worker = for_generation(make_worker("native", student, tok, model_path), wrapped)
+        worker = for_generation(make_worker("native", student, tok, model_path, sampler_dtype=sampler_dtype(rt)),
+                                wrapped)
     main = rank == 0
     spent = {"flops": 0.0, "seconds": 0.0}  # compute so far (compute/* metrics), the teacher's forwards included
     rng = random.Random(cfg.seed)
@@ -339,6 +340,8 @@ def train(cfg: DistillConfig, model_path: str | None, out_dir: Path, console: Co
             backward(wrapped, total_mine / n * world)
             reshard(t_mod)  # a sharded teacher frees the embedding and head it gathered
             grad_norm = optimizer_step(trained, opt, sched, cfg.max_grad_norm, wrapped)
+            if not kd:
+                worker.update_weights(student)  # a sampler copy (runtime.sampler_dtype) takes the new weights
             m = {"step": step + 1, "loss": loss.item(), **extra, "grad_norm": grad_norm.item(),
                  "learning_rate": sched.get_last_lr()[0], "step_time": time.perf_counter() - t0}
             spent["flops"] += step_flops

@@ -202,7 +202,8 @@ def _shrunk(sec, models: dict[str, str], device: str = "cpu"):
     """The section for a one-step run: stand-in models, synthetic data in place of the hub, a handful of rows and
     tokens; on CPU fp32 with native sampling, on CUDA the recipe's own precision and sampler (vLLM included)."""
     on_cpu = device == "cpu"
-    run = {"device": "cpu", "dtype": "float32", "mixed_precision": "no", "reference_dtype": "same"} if on_cpu \
+    run = {"device": "cpu", "dtype": "float32", "mixed_precision": "no", "reference_dtype": "same",
+           "sampler_dtype": "same"} if on_cpu \
         else {"device": device}
     update: dict = {"runtime": sec.runtime.model_copy(update=run)}
     if getattr(sec, "template", None) == "chat":  # the stand-ins' local tokenizer has no chat template

@@ -35,8 +35,8 @@ from grpo import algo, checkpoint, dynamic
 from grpo.accel import (Trackers, active_params, adapter_disabled, apply_gradients, autocast, backward, barrier,
                         check_replicas, compile_layers, copy_weights, describe, distributed, expert_bias_step,
                         for_generation, frozen_copy, full_state_dict, is_fsdp2, load_trainable, local_elements,
-                        make_optimizer, progress, reduce_metrics, reshard, seed_everything, shard_frozen,
-                        stage_device, to_device, zero3)
+                        make_optimizer, progress, reduce_metrics, reshard, sampler_dtype, seed_everything,
+                        shard_frozen, stage_device, to_device, zero3)
 from grpo.config import GRPOConfig
 from grpo.data import load_rows
 from grpo.logprobs import TokenLogprobs, build_batch, micro_slices, policy_logprobs
@@ -136,6 +136,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
         raise ValueError(f"routing_replay: {model_path} is not r1kit's DeepSeek MoE model (no routed experts)")
     worker = make_worker(cfg.rollout, policy, tok, model_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                          seed=cfg.seed, record_routing=cfg.routing_replay, sleep_level=cfg.vllm_sleep_level,
+                         sampler_dtype=sampler_dtype(rt),
                          tensor_parallel_size=cfg.vllm_tensor_parallel_size, server=cfg.vllm_server, world=world,
                          rank=rank)
     worker = for_generation(worker, scorer)  # FSDP2: generate on unsharded weights, no collective inside
@@ -245,7 +246,8 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             if ref is not None and cfg.ref_reset_every and (step + 1) % cfg.ref_reset_every == 0:
                 copy_weights(ref.lm, policy)  # R1: the reference becomes the current policy (shard by shard)
             timers["time/update"] = time.perf_counter() - t_update
-            # 4. push the new weights to the sampler (a no-op for the native engine, which shares them)
+            # 4. push the new weights to the sampler (a no-op for the native engine, which shares them, unless it
+            # holds a copy in runtime.sampler_dtype)
             t_sync = time.perf_counter()
             if cfg.rollout != "server":  # a server on other devices never sleeps
                 worker.wake()

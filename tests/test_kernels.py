@@ -553,16 +553,20 @@ def _decode_case(B, H, R, T, D, cap, seed, mask_kind):
 
 
 @needs_cc
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", ["padding", "broadcast", "none"])
 @pytest.mark.parametrize("B,H,R,T,D,cap,seed", [(3, 2, 4, 37, 40, 50, 0), (5, 1, 1, 3, 64, 3, 1),
                                                  (2, 4, 2, 130, 32, 140, 2)])
-def test_decode_attention_matches_float64(B, H, R, T, D, cap, seed, mask_kind):
+def test_decode_attention_matches_float64(B, H, R, T, D, cap, seed, mask_kind, kv_dtype):
+    """fp32 and bf16 caches alike: the kernel widens bf16 exactly, so the float64 reference reads the same values
+    and the bound is fp32's."""
     from grpo.kernels import cpu_attention
 
     q, k, v, mask = _decode_case(B, H, R, T, D, cap, seed, mask_kind)
+    k, v = k.to(kv_dtype), v.to(kv_dtype)
     scale = D**-0.5
     got = cpu_attention.decode(q, k, v, mask, scale)
-    assert got is not None, "the kernel should take fp32 CPU tensors with a strided cache"
+    assert got is not None, "the kernel should take an fp32 query and a strided fp32 or bf16 cache on CPU"
     m64 = None if mask is None else mask.double()
     want = cpu_attention.reference(q.double(), k.double(), v.double(), m64, scale)
     # scores: dots of D terms (error <= lam sqrt(D) u scale sum|q k|); softmax moves each output by at most
@@ -591,7 +595,9 @@ def test_decode_attention_declines_what_it_cannot_read():
     from grpo.kernels import cpu_attention
 
     q, k, v, mask = _decode_case(2, 2, 2, 9, 16, 12, 4, "padding")
-    assert cpu_attention.decode(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25) is None  # fp32 only
+    assert cpu_attention.decode(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 0.25) is None  # an fp32 query
+    assert cpu_attention.decode(q, k, v.bfloat16(), None, 0.25) is None  # keys and values of one dtype
+    assert cpu_attention.decode(q, k.half(), v.half(), None, 0.25) is None  # fp32 or bf16 caches only
     assert cpu_attention.decode(q, k, v, mask.bool(), 0.25) is None  # boolean masks stay with sdpa
     assert cpu_attention.decode(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, mask, 0.25) is None
     assert cpu_attention.decode(q[:, :1], k, v, mask, 0.25) is None  # shapes that disagree: never read past them

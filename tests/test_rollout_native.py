@@ -168,3 +168,37 @@ def test_eager_attention_model_decodes_through_the_4d_mask(tmp_path):
     comps = w.generate(prompts, 3, SamplingParams(temperature=0.9, max_tokens=20, seed=2))
     assert model.config._attn_implementation == "eager"
     assert rescored(w, prompts, comps, 0.9) < 1e-4
+
+
+def test_a_bf16_sampler_copy_samples_in_bf16_and_takes_each_update(tmp_path):
+    """runtime.sampler_dtype bfloat16: the worker holds a bf16 copy (the trainer's fp32 model untouched), decodes
+    through the bf16 buffered cache and the C attention's bf16 build, and its behaviour log-probs equal its own
+    bf16 teacher-forced forward within bf16 rounding, the fp32 model's within bf16's error; update_weights casts
+    a changed policy into the copy."""
+    from rollout_models import build_llama
+    from tolerance import unit_roundoff
+
+    model, tok = build_llama(str(tmp_path))
+    prompts = [tok("<think> one plus two")["input_ids"], tok("answer:")["input_ids"]]
+    w = NativeWorker(model, tok, dtype=torch.bfloat16)
+    assert w.model is not model and next(w.model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32
+    sp = SamplingParams(temperature=0.9, max_tokens=20, seed=2)
+    comps = w.generate(prompts, 3, sp)
+    # a log-prob is a logit minus a logsumexp: bf16 rounds each to u of the logits' size, on both sides (x 2), and
+    # the decoding and teacher-forced passes sum in different orders (x 4, as parity_tol)
+    with torch.no_grad():
+        seqs = torch.tensor([prompts[0] + comps[0].token_ids])
+        logit = model(seqs).logits.abs().max().item() / 0.9
+    tol = 2 * 4 * unit_roundoff(torch.bfloat16) * (1 + logit)
+    own, fp32 = rescored(w, prompts, comps, 0.9), rescored(NativeWorker(model, tok), prompts, comps, 0.9)
+    print(f"\nbf16 sampler: |behaviour - own bf16 forward| {own:.2e}, |behaviour - fp32 forward| {fp32:.2e}, "
+          f"bound {tol:.2e}")
+    assert own < tol and 0 < fp32 < tol
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    assert not torch.equal(w.model.lm_head.weight, model.lm_head.weight.bfloat16())
+    w.update_weights(model)
+    assert all(torch.equal(a, b.bfloat16()) for a, b in zip(w.model.state_dict().values(),
+                                                           model.state_dict().values()))

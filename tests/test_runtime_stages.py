@@ -217,6 +217,75 @@ def test_bf16_autocast_gradients_through_the_fused_head_match_fp32_and_every_sta
     assert all(p.dtype == torch.float32 for p in trained.parameters())
 
 
+@pytest.mark.parametrize("S,T,masked,Hkv", [(20, 20, False, 4), (20, 20, True, 2), (1, 9, True, 2), (6, 300, False, 4)])
+def test_short_bf16_attention_matches_sdpa_within_bf16_rounding(S, T, masked, Hkv):
+    """r1kit_sdpa (what hf.load gives HF models): bf16 on CPU over <= SHORT_BF16_KEYS keys runs as bmm + fp32
+    softmax. Its output and gradients against float64 are within what torch's own bf16 sdpa shows, x 4 (summation
+    order), causal or padded, grouped-query or not; longer ones and fp32 stay sdpa exactly."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from grpo.models.hf import sdpa_or_bmm
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups, is_causal = 4 // Hkv, True
+
+    torch.manual_seed(0)
+    B, H, D = 3, 4, 16
+    q, k, v = torch.randn(B, H, S, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    mask = None
+    if masked:  # left padding on row 0, causal over the last S of T positions
+        mask = torch.ones(S, T, dtype=torch.bool).tril(T - S)[None, None].repeat(B, 1, 1, 1)
+        mask[0, ..., :3] = False
+    m = Attn()
+
+    def run(fn, dtype, *ts):
+        ts = [t.to(dtype).requires_grad_() for t in ts]
+        out = fn(m, *ts, mask, is_causal=mask is None)[0]
+        out.float().pow(2).sum().backward()
+        return [out.double()] + [t.grad.double() for t in ts]
+
+    want = run(sdpa_attention_forward, torch.float64, q, k, v)
+    ours, torch_bf16 = run(sdpa_or_bmm, torch.bfloat16, q, k, v), run(sdpa_attention_forward, torch.bfloat16, q, k, v)
+    for name, a, b, w in zip(["out", "dq", "dk", "dv"], ours, torch_bf16, want):
+        err, floor = (a - w).abs().max().item(), (b - w).abs().max().item()
+        assert err <= 4 * floor, (name, err, floor)
+    assert torch.equal(run(sdpa_or_bmm, torch.float32, q, k, v)[0], run(sdpa_attention_forward, torch.float32, q, k, v)[0])
+    assert hf.load.__module__ and hf.SHORT_BF16_KEYS == 256
+
+
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16_units(base):
+    """mixed_precision / reference_dtype / sampler_dtype `auto`: bf16 where accel.native_bf16 (AVX512-BF16 or AMX
+    on CPU), else fp32, on this machine whichever it is; and hf.load gives HF models r1kit_sdpa."""
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    rt = RuntimeConfig(mixed_precision="auto", reference_dtype="auto", sampler_dtype="auto")
+    assert accel.native_bf16(torch.device("cpu")) == native
+    with accel.autocast(rt):
+        assert torch.is_autocast_enabled("cpu") == native
+    assert accel.frozen_dtype(rt) == (torch.bfloat16 if native else torch.float32)
+    assert accel.sampler_dtype(rt) == (torch.bfloat16 if native else None)
+    assert accel.sampler_dtype(RuntimeConfig(sampler_dtype="bfloat16")) == torch.bfloat16
+    assert accel.sampler_dtype(RuntimeConfig()) is None
+    assert hf.load(str(base))[0].config._attn_implementation == "r1kit_sdpa"
+
+
+def test_grpo_with_a_bf16_sampler_copy_keeps_it_in_step_with_the_policy(base, tmp_path, monkeypatch):
+    """runtime.sampler_dtype bfloat16 in GRPO: the sampler/trainer log-prob gap (rollout/logprob_abs_diff) is bf16
+    rounding at every step, because the copy takes each update; with the refresh turned off, step 2 samples from
+    the step-1 weights and the gap grows."""
+    from grpo.rollout.native import NativeWorker
+
+    def gaps(name):
+        trainer.train(_grpo(steps=2, learning_rate=3e-2, runtime={"sampler_dtype": "bfloat16"}), str(base),
+                      tmp_path / name)
+        return [json.loads(l)["rollout/logprob_abs_diff"] for l in (tmp_path / name / "metrics.jsonl").open()]
+
+    synced = gaps("synced")
+    monkeypatch.setattr(NativeWorker, "update_weights", lambda self, *a: None)
+    stale = gaps("stale")
+    print(f"\nbf16 sampler gap per step: refreshed {synced}, never refreshed {stale}")
+    assert 0 < synced[0] == stale[0] and synced[1] < 0.5 * stale[1]
+
+
 def test_bf16_reference_grpo_runs_and_its_kl_is_finite(base, tmp_path):
     """GRPO with the frozen reference in bf16 while the policy trains in fp32 (reference_dtype)."""
     trainer.train(_grpo(steps=1, runtime={"reference_dtype": "bfloat16"}), str(base), tmp_path / "run")
@@ -315,6 +384,12 @@ def test_runtime_errors_are_one_line():
         RuntimeConfig(device="gpu")
     with pytest.raises(ValueError, match="ref_reset_every with runtime.lora"):
         _grpo(ref_reset_every=10, runtime={"lora": {}})
+    with pytest.raises(ValueError, match="runtime.sampler_dtype: bfloat16 is not supported with lora"):
+        RuntimeConfig(sampler_dtype="bfloat16", lora={})
+    with pytest.raises(ValueError, match="runtime.sampler_dtype: auto is not supported with distributed: fsdp2"):
+        RuntimeConfig(sampler_dtype="auto", distributed="fsdp2")
+    with pytest.raises(ValueError, match="runtime.sampler_dtype is the native sampler's"):
+        _grpo(rollout="vllm", runtime={"sampler_dtype": "bfloat16"})
     with pytest.raises(ValueError, match="vllm_sleep_level"):
         _grpo(vllm_sleep_level=3)
     with pytest.raises(ValueError, match="vllm_tensor_parallel_size needs rollout: vllm"):

@@ -8,7 +8,8 @@ scores, a max-shifted softmax and the weighted sum of values per (row, KV head) 
 row, so the cache is read exactly once. Rows are split over torch's thread count by OpenMP in the C code: the
 library links libgomp, which the loader resolves to the one torch's CPU wheel already loaded, so it runs on
 torch's own thread team (a Python thread pool beside that team's spinning threads made a 2-core step 4x slower).
-fp32 only; anything else, or a library that cannot be built or disagrees with torch, keeps torch's sdpa.
+The query is fp32; the cache fp32 or bf16 (a second build, which widens each bf16 value on load: a bf16 sampler
+reads half the bytes). Anything else, or a library that cannot be built or disagrees with torch, keeps torch's sdpa.
 R1KIT_CPU_KERNELS=0 turns it off.
 """
 
@@ -31,12 +32,23 @@ float expf(float); /* vector variants come from glibc's libmvec */
 /* 8 floats, loadable from any float address (the compiler lowers it to the CPU's vector width) */
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 static inline float hsum(v8 c) { return ((c[0] + c[4]) + (c[1] + c[5])) + ((c[2] + c[6]) + (c[3] + c[7])); }
+#ifdef KV_BF16 /* a bf16 cache: the top half of an fp32, widened on load, so the cache read from memory halves */
+typedef unsigned short kv_t;
+typedef unsigned short h8 __attribute__((vector_size(16), aligned(2)));
+typedef unsigned int w8 __attribute__((vector_size(32)));
+static inline v8 load8(const kv_t *p) { return (v8)(__builtin_convertvector(*(const h8 *)p, w8) << 16); }
+static inline float load1(kv_t x) { union { unsigned int u; float f; } c = {(unsigned int)x << 16}; return c.f; }
+#else
+typedef float kv_t;
+static inline v8 load8(const kv_t *p) { return *(const v8 *)p; }
+static inline float load1(kv_t x) { return x; }
+#endif
 
-/* One decoding step for all B rows. q [B, H, R, D] and out [B, H, R, Dv] contiguous (R query heads per KV head);
-   k, v: element strides (batch, head, position), last dim contiguous; mask: additive [B, T] with batch stride msb,
+/* One decoding step for all B rows. q [B, H, R, D] and out [B, H, R, Dv] contiguous fp32 (R query heads per KV
+   head); k, v (fp32, or bf16 built with KV_BF16): element strides (batch, head, position), last dim contiguous; mask: additive [B, T] with batch stride msb,
    or NULL; scratch: R * T floats per thread. out[b,h,r] = softmax_t(scale * q[b,h,r].k[b,h,t] + mask[b,t]) @ v[b,h,t].
    Rows are split over `threads` OpenMP threads: torch's own libgomp team, so no second pool competes with it. */
-void decode_attn(const float *restrict q, const float *restrict k, const float *restrict v,
+void decode_attn(const float *restrict q, const kv_t *restrict k, const kv_t *restrict v,
                  const float *restrict mask, float *restrict out, float *restrict scratch, long threads,
                  long B, long H, long R, long T, long D, long Dv,
                  long ksb, long ksh, long kst, long vsb, long vsh, long vst, long msb, float scale) {
@@ -45,28 +57,29 @@ void decode_attn(const float *restrict q, const float *restrict k, const float *
         float *s = scratch + omp_get_thread_num() * R * T;
         const float *m = mask ? mask + b * msb : 0;
         for (long h = 0; h < H; h++) {
-            const float *kb = k + b * ksb + h * ksh, *vb = v + b * vsb + h * vsh, *qb = q + (b * H + h) * R * D;
+            const kv_t *kb = k + b * ksb + h * ksh, *vb = v + b * vsb + h * vsh;
+            const float *qb = q + (b * H + h) * R * D;
             float *ob = out + (b * H + h) * R * Dv;
             long t = 0;
             for (; t + 4 <= T; t += 4) { /* four positions at a time: four vector accumulators in flight */
-                const float *k0 = kb + t * kst, *k1 = k0 + kst, *k2 = k1 + kst, *k3 = k2 + kst;
+                const kv_t *k0 = kb + t * kst, *k1 = k0 + kst, *k2 = k1 + kst, *k3 = k2 + kst;
                 for (long r = 0; r < R; r++) {
                     const float *qr = qb + r * D;
                     v8 c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
                     long d = 0;
                     for (; d + 8 <= D; d += 8) {
                         v8 x = *(const v8 *)(qr + d);
-                        c0 += x * *(const v8 *)(k0 + d);
-                        c1 += x * *(const v8 *)(k1 + d);
-                        c2 += x * *(const v8 *)(k2 + d);
-                        c3 += x * *(const v8 *)(k3 + d);
+                        c0 += x * load8(k0 + d);
+                        c1 += x * load8(k1 + d);
+                        c2 += x * load8(k2 + d);
+                        c3 += x * load8(k3 + d);
                     }
                     float a0 = hsum(c0), a1 = hsum(c1), a2 = hsum(c2), a3 = hsum(c3);
                     for (; d < D; d++) {
-                        a0 += qr[d] * k0[d];
-                        a1 += qr[d] * k1[d];
-                        a2 += qr[d] * k2[d];
-                        a3 += qr[d] * k3[d];
+                        a0 += qr[d] * load1(k0[d]);
+                        a1 += qr[d] * load1(k1[d]);
+                        a2 += qr[d] * load1(k2[d]);
+                        a3 += qr[d] * load1(k3[d]);
                     }
                     float *sr = s + r * T + t;
                     sr[0] = a0 * scale + (m ? m[t] : 0.0f);
@@ -76,12 +89,12 @@ void decode_attn(const float *restrict q, const float *restrict k, const float *
                 }
             }
             for (; t < T; t++) {
-                const float *kt = kb + t * kst;
+                const kv_t *kt = kb + t * kst;
                 for (long r = 0; r < R; r++) {
                     const float *qr = qb + r * D;
                     float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-                    for (long d = 0; d < D; d++) acc += qr[d] * kt[d];
+                    for (long d = 0; d < D; d++) acc += qr[d] * load1(kt[d]);
                     s[r * T + t] = acc * scale + (m ? m[t] : 0.0f);
                 }
             }
@@ -102,20 +115,21 @@ void decode_attn(const float *restrict q, const float *restrict k, const float *
             }
             t = 0;
             for (; t + 4 <= T; t += 4) { /* o += p_t v_t for four positions per pass over o */
-                const float *v0 = vb + t * vst, *v1 = v0 + vst, *v2 = v1 + vst, *v3 = v2 + vst;
+                const kv_t *v0 = vb + t * vst, *v1 = v0 + vst, *v2 = v1 + vst, *v3 = v2 + vst;
                 for (long r = 0; r < R; r++) {
                     const float *p = s + r * T + t;
                     float *o = ob + r * Dv;
 #pragma omp simd
-                    for (long d = 0; d < Dv; d++) o[d] += p[0] * v0[d] + p[1] * v1[d] + p[2] * v2[d] + p[3] * v3[d];
+                    for (long d = 0; d < Dv; d++)
+                        o[d] += p[0] * load1(v0[d]) + p[1] * load1(v1[d]) + p[2] * load1(v2[d]) + p[3] * load1(v3[d]);
                 }
             }
             for (; t < T; t++) {
-                const float *vt = vb + t * vst;
+                const kv_t *vt = vb + t * vst;
                 for (long r = 0; r < R; r++) {
                     float p = s[r * T + t], *o = ob + r * Dv;
 #pragma omp simd
-                    for (long d = 0; d < Dv; d++) o[d] += p * vt[d];
+                    for (long d = 0; d < Dv; d++) o[d] += p * load1(vt[d]);
                 }
             }
         }
@@ -123,23 +137,24 @@ void decode_attn(const float *restrict q, const float *restrict k, const float *
 }
 """
 _LOCK = threading.Lock()
-_LIB: list = []  # [] = not tried yet, [None] = unavailable, [lib] = loaded
+_LIBS: dict = {}  # cache dtype -> the library built for it, or None where unavailable
+KV_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def reference(q, key, value, mask, scale: float) -> torch.Tensor:
     """What the kernel computes, as torch ops: q [B, H, R, D], key/value [B, H, T, D], mask [B, 1, 1, T] or None."""
-    s = torch.matmul(q, key.transpose(-1, -2)) * scale  # [B, H, R, T]
+    s = torch.matmul(q, key.to(q.dtype).transpose(-1, -2)) * scale  # [B, H, R, T]
     if mask is not None:
         s = s + mask
-    return torch.matmul(torch.softmax(s, -1), value)
+    return torch.matmul(torch.softmax(s, -1), value.to(q.dtype))
 
 
-def _self_check(lib) -> float:
-    """Largest relative difference to `reference` on random strided inputs with masked positions."""
+def _self_check(lib, dtype: torch.dtype) -> float:
+    """Largest relative difference to `reference` on random strided inputs (a `dtype` cache) with masked positions."""
     gen = torch.Generator().manual_seed(0)
     B, H, R, T, D = 5, 3, 2, 19, 16
     q = torch.randn(B, H, R, D, generator=gen)
-    kbuf, vbuf = torch.randn(B, H, T + 7, D, generator=gen), torch.randn(B, H, T + 7, D, generator=gen)
+    kbuf, vbuf = (torch.randn(B, H, T + 7, D, generator=gen).to(dtype) for _ in range(2))
     mask = torch.zeros(B, 1, 1, T + 7)
     mask[1, ..., :4] = float("-inf")
     want = reference(q, kbuf[:, :, :T], vbuf[:, :, :T], mask[..., :T], 0.25)
@@ -147,11 +162,12 @@ def _self_check(lib) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-def load():
-    """The compiled library (ctypes), or None where it cannot be built or disagrees with torch (one warning)."""
+def load(dtype: torch.dtype = torch.float32):
+    """The compiled library (ctypes) for a `dtype` KV cache, or None where it cannot be built or disagrees with
+    torch (one warning)."""
     with _LOCK:
-        if _LIB:
-            return _LIB[0]
+        if dtype in _LIBS:
+            return _LIBS[dtype]
         lib, why, cc = None, None, cbuild.compiler()
         if os.environ.get("R1KIT_CPU_KERNELS", "1") == "0" or cc is None:
             pass  # off on purpose, or not Linux / no compiler: torch's sdpa, silently (the MoE kernel warns)
@@ -161,17 +177,22 @@ def load():
                 lib.decode_attn.argtypes, lib.decode_attn.restype = [p] * 6 + [n] * 14 + [ctypes.c_float], None
 
             flags = [f.replace("-fopenmp-simd", "-fopenmp") for f in cbuild.FLAGS]  # OpenMP: torch's team
-            lib, why = cbuild.load_checked(cc, "attention", _SOURCE, declare, _self_check, flags)
+            bf16 = dtype == torch.bfloat16
+            lib, why = cbuild.load_checked(cc, "attention_bf16" if bf16 else "attention",
+                                           ("#define KV_BF16 1\n" if bf16 else "") + _SOURCE, declare,
+                                           lambda lib: _self_check(lib, dtype), flags)
         if why:
-            warnings.warn(f"r1kit: the C decoding attention is off ({why}); torch's sdpa replaces it", stacklevel=2)
-        _LIB.append(lib)
+            warnings.warn(f"r1kit: the C decoding attention ({dtype}) is off ({why}); torch's sdpa replaces it",
+                          stacklevel=2)
+        _LIBS[dtype] = lib
         return lib
 
 
 def usable(q, key, value, mask) -> bool:
-    """Whether the kernel takes these tensors: fp32 on CPU, keys/values with a contiguous last dim, and an additive
-    float mask of shape [B, 1, 1, T] (or none)."""
-    ok = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, key, value))
+    """Whether the kernel takes these tensors: on CPU, an fp32 query, fp32 or bf16 keys and values with a contiguous
+    last dim, and an additive fp32 mask of shape [B, 1, 1, T] (or none)."""
+    ok = all(t.device.type == "cpu" for t in (q, key, value)) and q.dtype == torch.float32 \
+        and key.dtype == value.dtype and key.dtype in KV_DTYPES
     ok = ok and key.stride(-1) == 1 and value.stride(-1) == 1 and key.shape[:3] == value.shape[:3] \
         and q.dim() == key.dim() == 4 and q.shape[:2] == key.shape[:2] and q.shape[-1] == key.shape[-1]
     if mask is not None:
@@ -199,7 +220,7 @@ def decode(q, key, value, mask, scale: float) -> torch.Tensor | None:
     """The kernel's output for one decoding step, or None where it does not apply (caller falls back to sdpa)."""
     if not usable(q, key, value, mask):
         return None
-    lib = load()
+    lib = load(key.dtype)
     if lib is None:
         return None
     return _run(lib, q, key, value, mask, scale, torch.get_num_threads())

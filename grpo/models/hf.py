@@ -6,10 +6,47 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
-
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 _DEEPSEEK_TYPES = ("deepseek_v3", "deepseek_v2")
+# up to this many keys, bf16 attention on CPU runs as plain bmm + fp32 softmax (see sdpa_or_bmm)
+SHORT_BF16_KEYS = 256
+
+
+def sdpa_or_bmm(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa (what r1kit loads HF models with, as "r1kit_sdpa"), except for bf16 on CPU over at most
+    SHORT_BF16_KEYS keys: there torch's CPU flash attention took 2x the time of two bmms around an fp32 softmax
+    (forward + backward, 142 keys, docs/runtime.md), and from 512 keys on it is the faster one.
+    query [B, H, S, D], key/value [B, Hkv, T, D] -> ([B, S, H, Dv], None)."""
+    dev = query.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
+    B, H, S, D = query.shape
+    T, Hkv = key.shape[-2], key.shape[1]
+    if dev != "cpu" or dtype != torch.bfloat16 or T > SHORT_BF16_KEYS or dropout \
+            or any(kwargs.get(k) is not None for k in ("position_bias", "s_aux", "sliding_window", "softcap")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    if Hkv != H:  # grouped-query: each KV head serves H // Hkv query heads (repeat_kv's order)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    scores = (q @ k.transpose(-1, -2)).float().mul_(D**-0.5 if scaling is None else scaling)  # [B, H, S, T] fp32
+    if attention_mask is None:  # sdpa's is_causal: query i (the last S of T positions) sees keys <= T - S + i
+        attention_mask = torch.ones(S, T, dtype=torch.bool, device=query.device).tril(T - S)
+    mask = attention_mask[..., :T]  # bool (True: attend) or additive
+    allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
+    if mask.dtype != torch.bool:
+        scores = scores.add_(mask)
+    # a query with no key to attend (a left-padding position) gets 0, as from torch's sdpa, not NaN
+    scores = scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1).masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    out = probs.to(dtype) @ v  # [B, H, S, Dv]
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("r1kit_sdpa", sdpa_or_bmm)
+ALL_MASK_ATTENTION_FUNCTIONS.register("r1kit_sdpa", sdpa_mask)
 
 
 def build_from_config(init: dict, vocab_size: int, pad_token_id: int | None, eos_token_id: int | None, seed: int = 0):
@@ -58,6 +95,8 @@ def load(path: str, dtype: torch.dtype = torch.float32):
         model = DeepseekForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if model.config._attn_implementation == "sdpa":
+            model.set_attn_implementation("r1kit_sdpa")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok

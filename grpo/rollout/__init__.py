@@ -8,10 +8,12 @@ def make_worker(kind: str, model, tokenizer, model_path: str, **kwargs) -> Rollo
     `model_path` and receives new weights through update_weights after every optimizer step; `server` is the
     client of an `r1 serve` process (kwargs `server`: its VLLMServerConfig; `world`, `rank`: torchrun's)."""
     server, world, rank = kwargs.pop("server", None), kwargs.pop("world", 1), kwargs.pop("rank", 0)
+    sampler_dtype = kwargs.pop("sampler_dtype", None)  # the native sampler's own weight copy (runtime.sampler_dtype)
     if kind == "native":
         from grpo.rollout.native import NativeWorker
 
-        return NativeWorker(model, tokenizer, record_routing=kwargs.get("record_routing", False))
+        return NativeWorker(model, tokenizer, record_routing=kwargs.get("record_routing", False),
+                            dtype=sampler_dtype)
     if kind == "vllm":
         from grpo.rollout.vllm import VLLMWorker
 

@@ -6,6 +6,10 @@ prompt's cache rows are then repeated n times for the group. Decoding writes key
 are compacted out of the batch once a quarter of it is done, so they stop costing compute. Finished slots are not
 refilled with new prompts mid-flight (no full continuous batching); the next length bucket starts afterwards.
 
+With `dtype` (runtime.sampler_dtype) the sampler holds its own copy of the weights in that dtype, refreshed by
+update_weights after every optimizer step, as a vLLM engine does; its KV cache is then bf16 too, which the C
+decoding attention (grpo/kernels/cpu_attention.py) reads at half the bytes of fp32.
+
 Sampling is the inverse CDF of the filtered softmax at one uniform per row and step, drawn from a counter-based
 SplitMix64 stream keyed by (request seed, step), so sample j of prompt i (seed `request_seed(sampling.seed, i*n + j)`,
 i counted from sampling.first_index)
@@ -14,16 +18,17 @@ is the same whatever it was batched with.
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from grpo.kernels import cpu_attention
+from grpo.models.hf import sdpa_or_bmm
 from grpo.rollout.base import Completion, SamplingParams
 from grpo.rollout.common import fit_prompt, request_seed
 
@@ -128,20 +133,23 @@ class BufferLayer(DynamicLayer):
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' sdpa, except on a plain one-token decoding step: the query heads that share a KV head become
+    """r1kit's sdpa (grpo.models.hf.sdpa_or_bmm), except on a plain one-token decoding step: the query heads that share a KV head become
     that KV head's query rows, so grouped-query models attend to the buffered (strided) cache without repeat_kv
     copying it every layer and step. query [B,H,1,D], key/value [B,Hkv,T,D] -> [B,1,H,D]."""
     B, H, S, D = query.shape
     if S != 1 or dropout or any(kwargs.get(k) is not None for k in ("position_bias", "s_aux", "sliding_window")):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_or_bmm(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                           is_causal=is_causal, **kwargs)
     Hkv = key.shape[1]
     q = query.reshape(B, Hkv, H // Hkv, D)  # heads g*rep .. g*rep+rep-1 read KV head g (repeat_kv's order)
-    # fp32 on CPU: one C pass over the cache (grpo/kernels/cpu_attention.py), else torch's sdpa
-    out = cpu_attention.decode(q, key, value, attention_mask, D**-0.5 if scaling is None else scaling)
+    # on CPU one C pass over the fp32 or bf16 cache with an fp32 query (grpo/kernels/cpu_attention.py), else sdpa
+    out = None if q.device.type != "cpu" else \
+        cpu_attention.decode(q.float(), key, value, attention_mask, D**-0.5 if scaling is None else scaling)
     if out is None:
-        out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(B, H, 1, value.shape[-1]).transpose(1, 2), None
+        mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool \
+            else attention_mask.to(q.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.to(query.dtype).reshape(B, H, 1, value.shape[-1]).transpose(1, 2), None
 
 
 AttentionInterface.register("r1kit_decode", decode_attention)
@@ -163,10 +171,13 @@ def _make_cache(model, capacity: int, rows: torch.Tensor):
 
 class NativeWorker:
     """RolloutWorker over a live transformers-style causal LM; `update_weights` is a no-op because the
-    sampler and the trainer share the same parameters."""
+    sampler and the trainer share the same parameters, unless `dtype` gives the sampler a copy of its own."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 256, truncate: str = "error",
-                 record_routing: bool = False):
+                 record_routing: bool = False, dtype: torch.dtype | None = None):
+        self.own = dtype is not None and dtype != next(model.parameters()).dtype  # a copy, synced by update_weights
+        if self.own:
+            model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
         self.model, self.tokenizer, self.max_batch_size, self.truncate = model, tokenizer, max_batch_size, truncate
         # routing replay: keep the experts r1kit's MoE model routed every prompt and sampled token to
         self.routed = getattr(model, "routed_layers", list)() if record_routing else None
@@ -176,8 +187,16 @@ class NativeWorker:
         cfg = getattr(model, "config", None)
         self.max_model_len = getattr(cfg, "max_position_embeddings", None) or 10**9
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] = ()) -> None:
-        """Nothing to copy: generation reads the policy's own parameters."""
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | torch.nn.Module = ()) -> None:
+        """Nothing to copy when generation reads the policy's own parameters; with a copy of its own, the policy's
+        parameters and persistent buffers (a module, or (name, tensor) pairs) are cast into it."""
+        if not self.own:
+            return
+        named = named_tensors.state_dict().items() if isinstance(named_tensors, torch.nn.Module) else named_tensors
+        mine = self.model.state_dict()
+        for name, t in named:
+            mine[name].copy_(t)
 
     def sleep(self) -> None:
         """No separate memory to free."""
@@ -216,7 +235,7 @@ class NativeWorker:
         self.model.eval()
         cfg = getattr(self.model, "config", None)
         attn_impl = getattr(cfg, "_attn_implementation", None)
-        if attn_impl == "sdpa":  # decoding steps skip repeat_kv (restored below: training keeps plain sdpa)
+        if attn_impl in ("sdpa", "r1kit_sdpa"):  # decoding steps skip repeat_kv (restored below for training)
             cfg._attn_implementation = "r1kit_decode"
         out: list[Completion | None] = [None] * (len(prompts) * n)
         try:
@@ -231,7 +250,7 @@ class NativeWorker:
             return out  # type: ignore[return-value]
         finally:
             self.model.train(was_training)
-            if attn_impl == "sdpa":
+            if attn_impl in ("sdpa", "r1kit_sdpa"):
                 cfg._attn_implementation = attn_impl
 
     def _generate_chunk(self, prompts, n, sampling, seeds) -> list[Completion]:
@@ -265,7 +284,9 @@ class NativeWorker:
         attn, next_pos = attn[rep], pos[rep, -1:] + 1  # [B, L], [B, 1]
         if mask4d:  # [B, 1, 1, L+T], -inf on left padding, sliced each step: transformers passes a 4D mask
             # through as it is instead of building one every step
-            bias = torch.zeros((B, 1, 1, L + T), dtype=next(self.model.parameters()).dtype, device=device)
+            # fp32 on CPU (the C attention adds it to fp32 scores), else the weights' dtype
+            dt = torch.float32 if device.type == "cpu" else next(self.model.parameters()).dtype
+            bias = torch.zeros((B, 1, 1, L + T), dtype=dt, device=device)
             attn = bias.masked_fill_(F.pad(attn == 0, (0, T))[:, None, None], float("-inf"))
         keys = seeds.to(device)  # one SplitMix64 stream per request
         rows = torch.arange(B, device=device)  # batch row -> request
