@@ -23,12 +23,9 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from grpo.kernels import cpu_attention
-from grpo.models.hf import sdpa_or_bmm
+from grpo.rollout.decode import PlainDecoder
 from grpo.rollout.base import Completion, SamplingParams
 from grpo.rollout.common import fit_prompt, request_seed
 
@@ -132,30 +129,6 @@ class BufferLayer(DynamicLayer):
         self.batch_select_indices(torch.arange(self.kbuf.shape[0], device=self.kbuf.device).repeat_interleave(repeats))
 
 
-def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """r1kit's sdpa (grpo.models.hf.sdpa_or_bmm), except on a plain one-token decoding step: the query heads that share a KV head become
-    that KV head's query rows, so grouped-query models attend to the buffered (strided) cache without repeat_kv
-    copying it every layer and step. query [B,H,1,D], key/value [B,Hkv,T,D] -> [B,1,H,D]."""
-    B, H, S, D = query.shape
-    if S != 1 or dropout or any(kwargs.get(k) is not None for k in ("position_bias", "s_aux", "sliding_window")):
-        return sdpa_or_bmm(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                           is_causal=is_causal, **kwargs)
-    Hkv = key.shape[1]
-    q = query.reshape(B, Hkv, H // Hkv, D)  # heads g*rep .. g*rep+rep-1 read KV head g (repeat_kv's order)
-    # on CPU one C pass over the fp32 or bf16 cache with an fp32 query (grpo/kernels/cpu_attention.py), else sdpa
-    out = None if q.device.type != "cpu" else \
-        cpu_attention.decode(q.float(), key, value, attention_mask, D**-0.5 if scaling is None else scaling)
-    if out is None:
-        mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool \
-            else attention_mask.to(q.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
-    return out.to(query.dtype).reshape(B, H, 1, value.shape[-1]).transpose(1, 2), None
-
-
-AttentionInterface.register("r1kit_decode", decode_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register("r1kit_decode", sdpa_mask)
-
-
 def _make_cache(model, capacity: int, rows: torch.Tensor):
     """A buffered cache for transformers models with full attention in every layer; None lets the model build its
     own (sliding-window/hybrid models, r1kit's MLA model with its latent cache)."""
@@ -174,11 +147,12 @@ class NativeWorker:
     sampler and the trainer share the same parameters, unless `dtype` gives the sampler a copy of its own."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 256, truncate: str = "error",
-                 record_routing: bool = False, dtype: torch.dtype | None = None):
+                 record_routing: bool = False, dtype: torch.dtype | None = None, plain_decode: bool = True):
         self.own = dtype is not None and dtype != next(model.parameters()).dtype  # a copy, synced by update_weights
         if self.own:
             model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
         self.model, self.tokenizer, self.max_batch_size, self.truncate = model, tokenizer, max_batch_size, truncate
+        self.plain_decode = plain_decode  # False: transformers' forward on every step (grpo/rollout/decode.py)
         # routing replay: keep the experts r1kit's MoE model routed every prompt and sampled token to
         self.routed = getattr(model, "routed_layers", list)() if record_routing else None
         if record_routing and not self.routed:
@@ -270,6 +244,9 @@ class NativeWorker:
         # backends want the 2D padding mask
         mask4d = cache is not None and getattr(self.model.config, "_attn_implementation", None) in ("r1kit_decode",
                                                                                                      "eager")
+        # one-token steps as plain tensor calls over the same cache (grpo/rollout/decode.py), where they apply
+        plain = PlainDecoder(self.model) if self.plain_decode and cache is not None and PlainDecoder.supports(
+            self.model) and self.model.config._attn_implementation == "r1kit_decode" else None
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
                          logits_to_keep=1)
         if cache is None:
@@ -320,9 +297,13 @@ class NativeWorker:
             if not mask4d:
                 attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
             mask = attn[..., :L + step + 1] if mask4d else attn
-            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                             use_cache=True)
-            cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+            if plain is not None:
+                logits = plain.step(tok, next_pos, cache, mask)
+            else:
+                out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                                 past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, out.logits[:, -1]
+            next_pos = next_pos + 1
             if self.routed:  # the forward just fed token `step` of each live row
                 routes[rows, step] = self._routing().view(len(rows), *routes.shape[2:])
         toks_l, lps_l, len_l = toks.tolist(), lps.tolist(), length.tolist()
