@@ -140,9 +140,10 @@ def main():
     ap.add_argument("--precision", choices=["auto", "fp32"], default="auto",
                     help="auto: each side's bf16 too where this CPU has bf16 units; fp32: both fp32 only")
     args = ap.parse_args()
-    from grpo.accel import native_bf16
+    from grpo.runtime import cpu_has_fast_bf16  # what r1kit's `auto` runtime asks too (grpo.accel.native_bf16)
 
-    bf16 = args.precision == "auto" and native_bf16(torch.device("cpu"))
+    units = cpu_has_fast_bf16()
+    bf16 = args.precision == "auto" and units
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model")
         n_params = build(path, args.hidden, args.layers, 1024)
@@ -152,7 +153,7 @@ def main():
         print(f"tiny Qwen2 {n_params / 1e6:.2f}M params (hidden {args.hidden}, {args.layers} layers), "
               f"{args.prompts} prompts x G={args.group} x {args.max_tokens} new tokens, beta {args.beta}, "
               f"{args.warmup} untimed + {args.steps} timed steps, torch threads {torch.get_num_threads()}, "
-              f"bf16 units: {'yes' if native_bf16(torch.device('cpu')) else 'no'}")
+              f"bf16 units: {'yes' if units else 'no'}")
         dtype = torch.bfloat16 if bf16 else torch.float32
         peak = matmul_peak(dtype=dtype)
         r1 = run_r1kit(path, rows, args, tmp)[args.warmup:]

@@ -59,11 +59,14 @@ def stage_device(rt: RuntimeConfig) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """True where bf16 GEMMs run on the hardware: a CUDA GPU that has them, a CPU with AVX512-BF16 or AMX tiles
-    (elsewhere oneDNN emulates bf16, slower than fp32). What the runtime section's `auto` choices ask."""
+    """True where bf16 GEMMs run on the hardware: a CUDA GPU that has them, a CPU with bf16 units
+    (grpo.runtime.cpu_has_fast_bf16: AVX512-BF16 or AMX; elsewhere bf16 is emulated, slower than fp32). What the
+    runtime section's `auto` choices ask."""
+    from grpo.runtime import cpu_has_fast_bf16
+
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return device.type == "cpu" and cpu_has_fast_bf16()
 
 
 def frozen_dtype(rt: RuntimeConfig) -> torch.dtype:

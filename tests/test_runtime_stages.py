@@ -253,10 +253,13 @@ def test_short_bf16_attention_matches_sdpa_within_bf16_rounding(S, T, masked, Hk
     assert hf.load.__module__ and hf.SHORT_BF16_KEYS == 256
 
 
-def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16_units(base):
-    """mixed_precision / reference_dtype / sampler_dtype `auto`: bf16 where accel.native_bf16 (AVX512-BF16 or AMX
-    on CPU), else fp32, on this machine whichever it is; and hf.load gives HF models r1kit_sdpa."""
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+@pytest.mark.parametrize("units", ["0", "1"])
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16_units(base, monkeypatch, units):
+    """mixed_precision / reference_dtype / sampler_dtype `auto`: bf16 where the CPU has bf16 units
+    (grpo.runtime.cpu_has_fast_bf16, forced both ways by R1KIT_CPU_BF16), else fp32; hf.load gives HF models
+    r1kit_sdpa."""
+    monkeypatch.setenv("R1KIT_CPU_BF16", units)
+    native = units == "1"
     rt = RuntimeConfig(mixed_precision="auto", reference_dtype="auto", sampler_dtype="auto")
     assert accel.native_bf16(torch.device("cpu")) == native
     with accel.autocast(rt):
