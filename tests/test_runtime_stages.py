@@ -217,17 +217,20 @@ def test_bf16_autocast_gradients_through_the_fused_head_match_fp32_and_every_sta
     assert all(p.dtype == torch.float32 for p in trained.parameters())
 
 
-@pytest.mark.parametrize("S,T,masked,Hkv", [(20, 20, False, 4), (20, 20, True, 2), (1, 9, True, 2), (6, 300, False, 4)])
-def test_short_bf16_attention_matches_sdpa_within_bf16_rounding(S, T, masked, Hkv):
+@pytest.mark.parametrize("S,T,masked,Hkv,causal", [(20, 20, False, 4, True), (20, 20, True, 2, True),
+                                                   (1, 9, True, 2, True), (6, 300, False, 4, True),
+                                                   (8, 12, False, 2, True), (8, 8, False, 4, False)])
+def test_short_bf16_attention_matches_sdpa_within_bf16_rounding(S, T, masked, Hkv, causal):
     """r1kit_sdpa (what hf.load gives HF models): bf16 on CPU over <= SHORT_BF16_KEYS keys runs as bmm + fp32
     softmax. Its output and gradients against float64 are within what torch's own bf16 sdpa shows, x 4 (summation
-    order), causal or padded, grouped-query or not; longer ones and fp32 stay sdpa exactly."""
+    order), causal (upper-left past the queries, as transformers' sdpa), padded or bidirectional, grouped-query or
+    not; longer ones and fp32 stay sdpa exactly."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from grpo.models.hf import sdpa_or_bmm
 
     class Attn(torch.nn.Module):
-        num_key_value_groups, is_causal = 4 // Hkv, True
+        num_key_value_groups, is_causal = 4 // Hkv, causal
 
     torch.manual_seed(0)
     B, H, D = 3, 4, 16
@@ -240,7 +243,7 @@ def test_short_bf16_attention_matches_sdpa_within_bf16_rounding(S, T, masked, Hk
 
     def run(fn, dtype, *ts):
         ts = [t.to(dtype).requires_grad_() for t in ts]
-        out = fn(m, *ts, mask, is_causal=mask is None)[0]
+        out = fn(m, *ts, mask)[0]
         out.float().pow(2).sum().backward()
         return [out.double()] + [t.grad.double() for t in ts]
 

@@ -29,11 +29,19 @@ def sdpa_or_bmm(module, query, key, value, attention_mask, dropout=0.0, scaling=
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    # transformers' sdpa: causal only without a mask and over several queries, then aligned upper-left (keys past
+    # the queries' count dropped)
+    causal = attention_mask is None and S > 1 and (is_causal if is_causal is not None
+                                                    else getattr(module, "is_causal", True))
+    if causal:
+        k, v, T = k[:, :, :S], v[:, :, :S], S
     if Hkv != H:  # grouped-query: each KV head serves H // Hkv query heads (repeat_kv's order)
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
     scores = (q @ k.transpose(-1, -2)).float().mul_(D**-0.5 if scaling is None else scaling)  # [B, H, S, T] fp32
-    if attention_mask is None:  # sdpa's is_causal: query i (the last S of T positions) sees keys <= T - S + i
-        attention_mask = torch.ones(S, T, dtype=torch.bool, device=query.device).tril(T - S)
+    if attention_mask is None and not causal:
+        return (torch.softmax(scores, dim=-1).to(dtype) @ v).transpose(1, 2).contiguous(), None
+    if causal:
+        attention_mask = torch.ones(S, S, dtype=torch.bool, device=query.device).tril()
     mask = attention_mask[..., :T]  # bool (True: attend) or additive
     allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
     if mask.dtype != torch.bool:

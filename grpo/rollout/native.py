@@ -244,9 +244,10 @@ class NativeWorker:
         # backends want the 2D padding mask
         mask4d = cache is not None and getattr(self.model.config, "_attn_implementation", None) in ("r1kit_decode",
                                                                                                      "eager")
-        # one-token steps as plain tensor calls over the same cache (grpo/rollout/decode.py), where they apply
-        plain = PlainDecoder(self.model) if self.plain_decode and cache is not None and PlainDecoder.supports(
-            self.model) and self.model.config._attn_implementation == "r1kit_decode" else None
+        # one-token steps as plain tensor calls over the same cache (grpo/rollout/decode.py), where they apply; on
+        # CPU only, where the overhead was measured: its fused weights are a copy of the layers for the call
+        plain = PlainDecoder(self.model) if self.plain_decode and cache is not None and device.type == "cpu" and \
+            PlainDecoder.supports(self.model) and self.model.config._attn_implementation == "r1kit_decode" else None
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
                          logits_to_keep=1)
         if cache is None:
