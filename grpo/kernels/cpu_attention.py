@@ -45,8 +45,8 @@ static inline float load1(kv_t x) { return x; }
 #endif
 
 /* One decoding step for all B rows. q [B, H, R, D] and out [B, H, R, Dv] contiguous fp32 (R query heads per KV
-   head); k, v (fp32, or bf16 built with KV_BF16): element strides (batch, head, position), last dim contiguous; mask: additive [B, T] with batch stride msb,
-   or NULL; scratch: R * T floats per thread. out[b,h,r] = softmax_t(scale * q[b,h,r].k[b,h,t] + mask[b,t]) @ v[b,h,t].
+   head); k, v (fp32, or bf16 built with KV_BF16): element strides (batch, head, position), last dim contiguous;
+   mask: additive [B, T] with batch stride msb, or NULL; scratch: R * T floats per thread. out[b,h,r] = softmax_t(scale * q[b,h,r].k[b,h,t] + mask[b,t]) @ v[b,h,t].
    Rows are split over `threads` OpenMP threads: torch's own libgomp team, so no second pool competes with it. */
 void decode_attn(const float *restrict q, const kv_t *restrict k, const kv_t *restrict v,
                  const float *restrict mask, float *restrict out, float *restrict scratch, long threads,
