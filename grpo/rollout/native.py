@@ -211,13 +211,17 @@ class NativeWorker:
         attn_impl = getattr(cfg, "_attn_implementation", None)
         if attn_impl in ("sdpa", "r1kit_sdpa"):  # decoding steps skip repeat_kv (restored below for training)
             cfg._attn_implementation = "r1kit_decode"
+        # one-token steps as plain tensor calls (grpo/rollout/decode.py) where they apply; on CPU only, where the
+        # overhead was measured: its fused weights are one copy of the layers, taken here for this call's chunks
+        plain = PlainDecoder(self.model) if self.plain_decode and next(self.model.parameters()).device.type == "cpu" \
+            and PlainDecoder.supports(self.model) and attn_impl in ("sdpa", "r1kit_sdpa") else None
         out: list[Completion | None] = [None] * (len(prompts) * n)
         try:
             for start in range(0, len(order), per_chunk):
                 idx = order[start:start + per_chunk]
                 seeds = torch.tensor([request_seed(base, (sampling.first_index + i) * n + j) for i in idx
                                       for j in range(n)])
-                comps = self._generate_chunk([prompts[i] for i in idx], n, sampling, seeds)
+                comps = self._generate_chunk([prompts[i] for i in idx], n, sampling, seeds, plain)
                 for k, c in enumerate(comps):
                     c.prompt_index = idx[k // n]
                     out[c.prompt_index * n + k % n] = c
@@ -227,7 +231,7 @@ class NativeWorker:
             if attn_impl in ("sdpa", "r1kit_sdpa"):
                 cfg._attn_implementation = attn_impl
 
-    def _generate_chunk(self, prompts, n, sampling, seeds) -> list[Completion]:
+    def _generate_chunk(self, prompts, n, sampling, seeds, plain: PlainDecoder | None) -> list[Completion]:
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         P, L, T = len(prompts), max(len(p) for p in prompts), sampling.max_tokens
@@ -244,10 +248,7 @@ class NativeWorker:
         # backends want the 2D padding mask
         mask4d = cache is not None and getattr(self.model.config, "_attn_implementation", None) in ("r1kit_decode",
                                                                                                      "eager")
-        # one-token steps as plain tensor calls over the same cache (grpo/rollout/decode.py), where they apply; on
-        # CPU only, where the overhead was measured: its fused weights are a copy of the layers for the call
-        plain = PlainDecoder(self.model) if self.plain_decode and cache is not None and device.type == "cpu" and \
-            PlainDecoder.supports(self.model) and self.model.config._attn_implementation == "r1kit_decode" else None
+        plain = plain if cache is not None else None  # it reads and writes the buffered cache
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
                          logits_to_keep=1)
         if cache is None:
