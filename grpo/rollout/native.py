@@ -209,12 +209,13 @@ class NativeWorker:
         self.model.eval()
         cfg = getattr(self.model, "config", None)
         attn_impl = getattr(cfg, "_attn_implementation", None)
-        if attn_impl in ("sdpa", "r1kit_sdpa"):  # decoding steps skip repeat_kv (restored below for training)
-            cfg._attn_implementation = "r1kit_decode"
+        swap = attn_impl in ("sdpa", "r1kit_sdpa")  # decoding steps skip repeat_kv (restored below for training)
         # one-token steps as plain tensor calls (grpo/rollout/decode.py) where they apply; on CPU only, where the
         # overhead was measured: its fused weights are one copy of the layers, taken here for this call's chunks
-        plain = PlainDecoder(self.model) if self.plain_decode and next(self.model.parameters()).device.type == "cpu" \
-            and PlainDecoder.supports(self.model) and attn_impl in ("sdpa", "r1kit_sdpa") else None
+        plain = PlainDecoder(self.model) if swap and self.plain_decode and PlainDecoder.supports(self.model) \
+            and next(self.model.parameters()).device.type == "cpu" else None
+        if swap:
+            cfg._attn_implementation = "r1kit_decode"
         out: list[Completion | None] = [None] * (len(prompts) * n)
         try:
             for start in range(0, len(order), per_chunk):
@@ -228,7 +229,7 @@ class NativeWorker:
             return out  # type: ignore[return-value]
         finally:
             self.model.train(was_training)
-            if attn_impl in ("sdpa", "r1kit_sdpa"):
+            if swap:
                 cfg._attn_implementation = attn_impl
 
     def _generate_chunk(self, prompts, n, sampling, seeds, plain: PlainDecoder | None) -> list[Completion]:
