@@ -111,6 +111,23 @@ def test_outputs_do_not_depend_on_batching(tiny):
     assert [c.token_ids for c in other] != [c.token_ids for c in probe]
 
 
+def test_draws_made_in_blocks_are_the_per_step_draws(tiny, monkeypatch):
+    """The sampler makes its random draws DRAWS steps at a time: the table equals step-by-step draws bit for bit,
+    so a generation whose length crosses several blocks samples exactly what one block would."""
+    from grpo.rollout import native
+
+    keys = torch.tensor([3, -7, 2**61, 0])
+    table = native.uniform(keys, torch.arange(10, 20))  # [4, 10]
+    assert all(torch.equal(table[:, j], native.uniform(keys, 10 + j)) for j in range(10))
+    model, tok = tiny
+    prompts = [tok(t)["input_ids"] for t in ["<think> one plus two", "the cat"]]
+    sp = SamplingParams(temperature=1.0, max_tokens=20, seed=11)
+    one = NativeWorker(model, tok).generate(prompts, 3, sp)
+    monkeypatch.setattr(native, "DRAWS", 3)
+    blocks = NativeWorker(model, tok).generate(prompts, 3, sp)
+    assert [c.token_ids for c in one] == [c.token_ids for c in blocks] and max(len(c.token_ids) for c in one) > 3
+
+
 def test_greedy_and_errors(tiny):
     model, tok = tiny
     prompt = tok("answer: 12 + 7 =")["input_ids"]

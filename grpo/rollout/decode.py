@@ -47,7 +47,10 @@ SUPPORTED = ("llama", "qwen2")  # transformers model types whose decoder layer P
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama/Qwen2 RMSNorm, op for op: fp32 statistics, cast back, then the weight."""
+    """transformers' Llama/Qwen2 RMSNorm, op for op: fp32 statistics, cast back, then the weight. In fp32 torch's
+    rms_norm is those ops in that order, bit for bit, in one call; in bf16 it rounds elsewhere, so bf16 keeps them."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -115,9 +118,8 @@ class PlainDecoder:
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]: over heads
         for i, w in enumerate(self.layers):
             x = _rms(h, *w["ln1"])
-            q, k, v = _mm(x, w["qkv"], w["qkv_bias"]).split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q = _rotary(q.view(B, H, 1, D), cos, sin)
-            k = _rotary(k.view(B, Hkv, 1, D), cos, sin)
+            qk, v = _mm(x, w["qkv"], w["qkv_bias"]).split([(H + Hkv) * D, Hkv * D], dim=-1)
+            q, k = _rotary(qk.view(B, H + Hkv, 1, D), cos, sin).split([H, Hkv], dim=1)  # q and k heads at once
             keys, values = cache.layers[i].update(k, v.view(B, Hkv, 1, D))
             out = decode_attention(None, q, keys, values, mask, scaling=self.scale)[0]  # [B, 1, H, D]
             h = h + _mm(out.reshape(B, H * D), w["o"], w["o_bias"])
