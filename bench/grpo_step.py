@@ -3,12 +3,13 @@ config, random init, a BPE tokenizer trained here), the same addition prompts, G
 length, beta, learning rate and reward function. Both sample with plain torch on the CPU (r1kit's native engine,
 TRL's transformers generate). Precision: each side at its best on this CPU. r1kit runs its `auto` runtime
 (bf16 autocast, reference and sampler copy where the CPU has bf16 units, else fp32); TRL runs fp32 and, on such
-a CPU, also its own bf16=True (autocast), and the faster of the two is the one compared. Prints each run's seconds
-per step and completion tokens/s over the timed steps, r1kit's phases (generate / reference / update / weight
-sync) with the update's share of the measured matmul peak, and the r1kit/TRL ratio last.
+a CPU, also its own bf16=True (autocast), and the faster of the two is the one compared. --compile compiles
+both sides: r1kit's runtime.compile (each decoder layer), TRL's torch_compile (the Trainer's model). Prints each
+run's seconds per step and completion tokens/s over the timed steps, r1kit's phases (generate / reference /
+update / weight sync) with the update's share of the measured matmul peak, and the r1kit/TRL ratio last.
 
     python bench/grpo_step.py [--steps 10] [--warmup 2] [--prompts 8] [--group 8] [--max-tokens 128] [--beta 0.04]
-                              [--precision auto|fp32]
+                              [--precision auto|fp32] [--compile]
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ def run_r1kit(path, rows, args, out_dir) -> list[dict]:
                      steps=args.warmup + args.steps, sampling={"temperature": 1.0, "max_tokens": args.max_tokens},
                      beta=args.beta, learning_rate=1e-5, micro_batch_size=args.prompts * args.group, loss_type="grpo",
                      rewards=[{"name": f"{os.path.abspath(__file__)}:reward_len"}], save_every=0,
-                     runtime={"mixed_precision": args.precision, "reference_dtype": args.precision,
-                              "sampler_dtype": args.precision} if args.precision == "auto" else {})
+                     runtime={"compile": args.compile, **({"mixed_precision": args.precision,
+                                                           "reference_dtype": args.precision,
+                                                           "sampler_dtype": args.precision}
+                                                          if args.precision == "auto" else {})})
     trainer.train(cfg, path, Path(out_dir) / "r1kit")
     return [json.loads(line) for line in open(os.path.join(out_dir, "r1kit", "metrics.jsonl"))]
 
@@ -108,7 +111,7 @@ def run_trl(path, rows, args, out_dir, bf16: bool) -> list[tuple[float, float]]:
                      # TRL 1.16 defaults to bf16=True and gradient_checkpointing=True; on a CPU without bf16 units
                      # bf16 emulates every GEMM (68 s a step on Zen1), so it runs only where the CPU has bf16 units.
                      # r1kit does not checkpoint, so TRL does not either (it would recompute the forward)
-                     bf16=bf16, gradient_checkpointing=False)
+                     bf16=bf16, gradient_checkpointing=False, torch_compile=args.compile)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=cfg, processing_class=tok,
                           train_dataset=Dataset.from_list(rows * (args.warmup + args.steps)), callbacks=[Clock()])
@@ -139,6 +142,9 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--precision", choices=["auto", "fp32"], default="auto",
                     help="auto: each side's bf16 too where this CPU has bf16 units; fp32: both fp32 only")
+    ap.add_argument("--compile", action="store_true",
+                    help="both sides torch.compile'd: r1kit's runtime.compile, TRL's torch_compile (compiling falls "
+                         "in the untimed steps)")
     args = ap.parse_args()
     from grpo.runtime import cpu_has_fast_bf16  # what r1kit's `auto` runtime asks too (grpo.accel.native_bf16)
 
@@ -169,12 +175,12 @@ def main():
     update_flops = 6 * n_params * tokens  # policy forward + backward
     ref_flops = 2 * n_params * tokens * (args.beta > 0)
     print(f"{'bf16' if bf16 else 'fp32'} matmul peak (best of before and after): {peak:.0f} GFLOP/s")
-    trl_tok = {}
+    trl_tok, compiled = {}, ", compiled" if args.compile else ""
     for name, trl in trls.items():
         trl_s = sum(s for s, _ in trl) / len(trl)
         trl_tok[name] = sum(t for _, t in trl) / sum(s for s, _ in trl)
-        print(f"TRL GRPOTrainer ({name}): {trl_s:6.2f} s/step, {trl_tok[name]:7.0f} completion tokens/s")
-    print(f"r1kit (native, {args.precision}): {r1_s:6.2f} s/step, {r1_tok:7.0f} completion tokens/s")
+        print(f"TRL GRPOTrainer ({name}{compiled}): {trl_s:6.2f} s/step, {trl_tok[name]:7.0f} completion tokens/s")
+    print(f"r1kit (native, {args.precision}{compiled}): {r1_s:6.2f} s/step, {r1_tok:7.0f} completion tokens/s")
     print(f"r1kit phases per step: generate {gen:.2f} s, reference {ref:.2f} s ({ref_flops / 1e9:.0f} GFLOP, "
           f"{100 * ref_flops / max(ref, 1e-9) / 1e9 / peak:.0f}% of peak), update {update:.2f} s "
           f"({update_flops / 1e9:.0f} GFLOP, {100 * update_flops / update / 1e9 / peak:.0f}% of peak), "
