@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from grpo import algo
@@ -101,15 +102,31 @@ def build_batch(prompt_ids: list[list[int]], comps, pad_id: int) -> dict[str, to
     return batch
 
 
-def policy_logprobs(scorer, batch: dict, rows: slice, temperature: float,
+def policy_logprobs(scorer, batch: dict, rows: slice | torch.Tensor, temperature: float,
                     replay: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs and entropies [b, Lc] of the completion tokens of batch[rows]; scorer: a TokenLogprobs
-    around the model (or DDP around one). replay: route as the sampler did (batch["routed_experts"])."""
-    routes = batch["routed_experts"][rows] if replay else None
-    return scorer(batch["input_ids"][rows], batch["attention_mask"][rows], batch["position_ids"][rows],
-                  batch["completion_ids"][rows], batch["prompt_len"], temperature, routed_experts=routes)
+    """Per-token log-probs and entropies [b, Lc] of the completion tokens of batch[rows] (a slice or row indices);
+    scorer: a TokenLogprobs around the model (or DDP around one). replay: route as the sampler did
+    (batch["routed_experts"]). The rows run cut to their own columns: left padding no row of them has and
+    completion columns past their longest completion are not computed (those log-probs are 0)."""
+    Lp, Lc = batch["prompt_len"], batch["completion_ids"].shape[1]
+    used = batch["attention_mask"][rows].any(0)  # [Lp + Lc]: a column some row attends to
+    lo = min(int(used.int().argmax()), Lp - 1)  # first such column; every prompt has a token at Lp - 1
+    hi = max(Lp + 1, len(used) - int(used.flip(0).int().argmax()))  # one past the last (at least one completion column)
+    cols = slice(lo, hi)
+    routes = batch["routed_experts"][rows][:, cols] if replay else None
+    lp, ent = scorer(batch["input_ids"][rows][:, cols], batch["attention_mask"][rows][:, cols],
+                     batch["position_ids"][rows][:, cols], batch["completion_ids"][rows][:, : hi - Lp], Lp - lo,
+                     temperature, routed_experts=routes)
+    return F.pad(lp, (0, Lc - (hi - Lp))), F.pad(ent, (0, Lc - (hi - Lp)))  # [b, Lc]
 
 
-def micro_slices(B: int, size: int) -> list[slice]:
-    """Row slices of at most `size` covering a batch of B."""
-    return [slice(s, min(s + size, B)) for s in range(0, B, size)]
+def micro_batches(lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices of micro-batches of at most `size` rows, longest rows first and rows of like length together,
+    so that each, cut to its own columns (policy_logprobs), computes little padding (veRL groups rows by length
+    too). lengths [B]: each row's token count. The first micro-batch is the largest: an out-of-memory shows at once."""
+    return list(torch.argsort(lengths, descending=True, stable=True).split(size))
+
+
+def in_order(micro: list[torch.Tensor], parts: list[torch.Tensor]) -> torch.Tensor:
+    """The micro-batches' per-row results [b_i, Lc], put back in the batch's row order -> [B, Lc]."""
+    return torch.cat(parts)[torch.argsort(torch.cat(micro))]

@@ -39,21 +39,24 @@ from grpo.accel import (Trackers, active_params, adapter_disabled, apply_gradien
                         shard_frozen, stage_device, to_device, zero3)
 from grpo.config import GRPOConfig
 from grpo.data import load_rows
-from grpo.logprobs import TokenLogprobs, build_batch, micro_slices, policy_logprobs
+from grpo.logprobs import TokenLogprobs, build_batch, in_order, micro_batches, policy_logprobs
 from grpo.rollout import SamplingParams, make_worker
 from grpo.templates import render
 
 
-def backward_batch(scorer, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: GRPOConfig) -> dict[str, float]:
-    """Accumulate the gradient of the whole batch's GRPO loss, micro-batch by micro-batch (the micro-batch
-    losses are weighted so that they add up to the full-batch loss for every loss_type); returns metrics."""
+def backward_batch(scorer, batch: dict, micro: list[torch.Tensor], adv: torch.Tensor, old_lp, ref_lp,
+                   cfg: GRPOConfig) -> dict[str, float]:
+    """Accumulate the gradient of the whole batch's GRPO loss, micro-batch by micro-batch (micro: their row
+    indices; the micro-batch losses are weighted so that they add up to the full-batch loss for every loss_type,
+    whichever rows go together); returns metrics."""
     mask = batch["completion_mask"]
     B, n_tok = mask.shape[0], mask.sum().clamp(min=1)
     agg: dict[str, float] = {"loss": 0.0}
-    for m in micro_slices(B, cfg.micro_batch_size):
+    for i, m in enumerate(micro):
+        last = i == len(micro) - 1
         # under DDP, all-reduce gradients once, on the last micro-batch
         ddp = isinstance(scorer, torch.nn.parallel.DistributedDataParallel)  # (ZeRO: the boundary flag in backward)
-        sync = scorer.no_sync() if ddp and m.stop < B else contextlib.nullcontext()
+        sync = scorer.no_sync() if ddp and not last else contextlib.nullcontext()
         with sync, autocast(cfg.runtime):
             lp, ent = policy_logprobs(scorer, batch, m, cfg.sampling.temperature, replay=cfg.routing_replay)
             old = old_lp[m] if old_lp is not None else lp.detach()
@@ -64,8 +67,8 @@ def backward_batch(scorer, batch: dict, adv: torch.Tensor, old_lp, ref_lp, cfg: 
                                         loss_type=cfg.loss_type, max_len=mask.shape[1],
                                         importance_sampling=cfg.importance_sampling, is_weights=tis)
             token_level = algo.LOSS_TYPES[cfg.loss_type].aggregation == "token_mean"
-            share = mask[m].sum() / n_tok if token_level else (m.stop - m.start) / B
-            backward(scorer, loss * share, last=m.stop == B)
+            share = mask[m].sum() / n_tok if token_level else len(m) / B
+            backward(scorer, loss * share, last=last)
         agg["loss"] += float(loss.detach() * share)
         w = float(mask[m].sum() / n_tok)  # token-weighted averages of the per-token metrics
         # sampler/trainer mismatch: |log p_trainer - log p_sampler| per token (0 for the native engine)
@@ -206,18 +209,21 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
                 batch["completion_mask"][cut] = 0.0
             batch = to_device(batch, device)
             B = len(comps)
-            micro = micro_slices(B, cfg.micro_batch_size)
+            # rows of like length together, each micro-batch cut to its own columns (grpo/logprobs.py)
+            micro = micro_batches(batch["attention_mask"].sum(1), cfg.micro_batch_size)
             t_ref = time.perf_counter()
             with torch.no_grad(), autocast(rt):
                 ref_lp = None
                 if cfg.beta > 0:
                     with ref_context():
-                        ref_lp = torch.cat([policy_logprobs(ref_scorer, batch, m, sp.temperature)[0] for m in micro])
+                        ref_lp = in_order(micro, [policy_logprobs(ref_scorer, batch, m, sp.temperature)[0]
+                                                  for m in micro])
                     if ref is not None:
                         reshard(ref)  # a sharded reference frees the embedding and head it gathered
                 t_old = time.perf_counter()
-                old_lp = torch.cat([policy_logprobs(local, batch, m, sp.temperature, replay=cfg.routing_replay)[0]
-                                    for m in micro]) if cfg.num_iterations > 1 else None
+                old_lp = in_order(micro, [policy_logprobs(local, batch, m, sp.temperature,
+                                                          replay=cfg.routing_replay)[0]
+                                          for m in micro]) if cfg.num_iterations > 1 else None
             if scored is not None:  # the draw's groups, in its prompt order: comps and idx are unchanged
                 _, _, totals, per = dynamic.flatten(scored.result())
             per = PerReward(per)
@@ -228,7 +234,7 @@ def train(cfg: GRPOConfig, model_path: str, out_dir: Path, console: Console | No
             timers.update({"time/ref": t_old - t_ref, "time/old": t_update - t_old})
             agg: dict[str, float] = {"nonfinite/skipped": 0.0}
             for _ in range(cfg.num_iterations):
-                for k, v in backward_batch(scorer, batch, adv, old_lp, ref_lp, cfg).items():
+                for k, v in backward_batch(scorer, batch, micro, adv, old_lp, ref_lp, cfg).items():
                     agg[k] = agg.get(k, 0.0) + v / cfg.num_iterations
                 grad_norm = apply_gradients(scorer, opt, cfg.max_grad_norm)  # clip and step, unless not finite
                 if not torch.isfinite(grad_norm):  # the same on every rank (after the all-reduce): all skipped it

@@ -51,8 +51,10 @@ def test_grpo_smoke_updates_weights_and_checkpoint_reloads(base, tmp_path):
 
 
 def test_micro_batching_does_not_change_the_gradient(base):
-    """Same rollouts, micro-batches of 16 (whole batch) vs 3: the same gradient, for every loss type."""
-    from grpo.logprobs import TokenLogprobs
+    """Same rollouts as one micro-batch of 16, as micro-batches of 3 rows of like length (each cut to its own
+    columns) and as 3 rows in batch order: the same loss and gradient for every loss type, and the grouped
+    micro-batches feed the model fewer token columns than the ones in batch order."""
+    from grpo.logprobs import TokenLogprobs, micro_batches
     from grpo.models import hf
     from grpo.rollout import SamplingParams
     from grpo.rollout.native import NativeWorker
@@ -68,18 +70,27 @@ def test_micro_batching_does_not_change_the_gradient(base):
     scorer = TokenLogprobs(model)
     with torch.no_grad():
         ref = policy_logprobs(scorer, batch, slice(0, 16), 1.0)[0] - 0.05
+    plans = {"whole": [torch.arange(16)], "grouped": micro_batches(batch["attention_mask"].sum(1), 3),
+             "in order": list(torch.arange(16).split(3))}
+    assert sorted(torch.cat(plans["grouped"]).tolist()) == list(range(16))
+    fed = dict.fromkeys(plans, 0)  # token columns the model computed, over all micro-batches
+    forward = scorer.forward
     variants = [(lt, {}) for lt in LOSS_TYPES] + [("grpo", {"tis": {"level": "sequence", "cap": 1.5}})]
     for loss_type, extra in variants:
         grads, losses = [], []
-        for mb in (16, 3):
+        for name, micro in plans.items():
             model.zero_grad()
-            m = trainer.backward_batch(scorer, batch, adv, None, ref,
-                                       _cfg(loss_type=loss_type, micro_batch_size=mb, **extra))
+            scorer.forward = lambda ids, *a, name=name, **k: (fed.__setitem__(name, fed[name] + ids.numel()),
+                                                              forward(ids, *a, **k))[1]
+            m = trainer.backward_batch(scorer, batch, micro, adv, None, ref, _cfg(loss_type=loss_type, **extra))
             grads.append([p.grad.clone() for p in model.parameters()])
             losses.append(m["loss"])
-        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-        for a, b in zip(*grads):
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), loss_type
+        for other, g in zip(losses[1:], grads[1:]):
+            assert losses[0] == pytest.approx(other, rel=1e-5)
+            for a, b in zip(grads[0], g):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), loss_type
+    print(f"\ntoken columns fed per pass: {', '.join(f'{k} {v // len(variants)}' for k, v in fed.items())}")
+    assert fed["grouped"] < fed["in order"] < fed["whole"]
 
 
 def test_resume_continues_exactly(base, tmp_path):
